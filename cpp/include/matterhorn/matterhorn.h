@@ -1,0 +1,6 @@
+#pragma once
+// Everything of the public C++ API.
+#include "matterhorn/ops/linear.h"
+#include "matterhorn/snn/linear.h"
+#include "matterhorn/snn/step_mode.h"
+#include "matterhorn/version.h"

@@ -1,0 +1,50 @@
+#include "matterhorn/snn/linear.h"
+
+#include <cmath>
+
+#include <ATen/ops/empty.h>
+#include <torch/nn/init.h>
+
+#include "matterhorn/ops/linear.h"
+
+namespace matterhorn::snn {
+
+LinearImpl::LinearImpl(LinearOptions options_) : options(std::move(options_)) {
+  TORCH_CHECK_VALUE(
+      options.in_features() >= 0 && options.out_features() >= 0,
+      "Linear: in_features and out_features must be non-negative, got ", options.in_features(),
+      " and ", options.out_features());
+  LinearImpl::reset();
+}
+
+void LinearImpl::reset() {
+  weight = register_parameter(
+      "weight", at::empty({options.out_features(), options.in_features()}));
+  bias = options.bias() ? register_parameter("bias", at::empty({options.out_features()}))
+                        : register_parameter("bias", {}, /*requires_grad=*/false);
+  reset_parameters();
+}
+
+void LinearImpl::reset_parameters() {
+  // torch.nn.Linear's initialisation: U(-1/sqrt(in), 1/sqrt(in)) for both.
+  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  if (bias.defined()) {
+    const double bound =
+        options.in_features() > 0 ? 1.0 / std::sqrt(static_cast<double>(options.in_features())) : 0.0;
+    torch::nn::init::uniform_(bias, -bound, bound);
+  }
+}
+
+void LinearImpl::pretty_print(std::ostream& stream) const {
+  stream << "matterhorn::snn::Linear(in_features=" << options.in_features()
+         << ", out_features=" << options.out_features() << ", bias=" << std::boolalpha
+         << options.bias() << ", step_mode=" << options.step_mode();
+  if (options.batch_first()) stream << ", batch_first=true";
+  stream << ")";
+}
+
+at::Tensor LinearImpl::forward(const at::Tensor& input) {
+  return ops::linear(input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+}
+
+}  // namespace matterhorn::snn

@@ -1,0 +1,25 @@
+#pragma once
+// Internal pieces of the matterhorn::linear op shared by its kernels (CPU, CUDA, Meta, Autograd).
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/SymIntArrayRef.h>
+
+namespace matterhorn::ops::detail {
+
+// Raises ValueError/TypeError naming the Linear layer and the shapes in [T, B, ...] terms.
+void check_linear_arguments(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
+// Sizes of the output: the input's with the last one replaced by out_features.
+c10::SymDimVector linear_output_sizes(const at::Tensor& input, const at::Tensor& weight);
+
+// [..., F] -> [N, F], N the product of the leading sizes (1 for a 1-D input); a view when possible.
+at::Tensor fold_leading_dims(const at::Tensor& t);
+
+// The forward computation on any device with ATen: one GEMM over the folded rows.
+// Expects checked arguments.
+at::Tensor linear_folded(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
+}  // namespace matterhorn::ops::detail

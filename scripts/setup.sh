@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Idempotent setup on a fresh machine: a local venv (.venv), the pinned dependencies, and an
+# editable build of this package (incremental: the CMake build dir under build/ is kept).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+# At most 2 compile jobs: each C++ file with torch headers takes up to 1 GB.
+CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation -e .
