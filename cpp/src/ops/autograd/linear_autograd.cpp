@@ -19,6 +19,8 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
       const at::Tensor& weight,
       const std::optional<at::Tensor>& bias) {
     ctx->save_for_backward({input, weight});
+    // An absent bias is not an autograd input: needs_input_grad(2) exists only with a bias.
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     at::AutoDispatchBelowADInplaceOrView guard;
     return matterhorn::ops::linear(input, weight, bias);
   }
@@ -36,7 +38,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     if (ctx->needs_input_grad(1)) {
       grad_weight = grad_rows.t().mm(fold_leading_dims(input));
     }
-    if (ctx->needs_input_grad(2)) {
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
       grad_bias = grad_rows.sum(0);
     }
     return {grad_input, grad_weight, grad_bias};

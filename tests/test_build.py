@@ -1,0 +1,32 @@
+"""Build information and the import-time check against the running torch."""
+
+import re
+
+import pytest
+import torch
+
+import matterhorn_pytorch as mth
+from matterhorn_pytorch import _build_config
+from matterhorn_pytorch._loader import check_torch_version
+
+
+def test_build_info_matches_the_running_torch():
+    info = mth._C.build_info()
+    assert info["torch_version"].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
+    assert info["torch_version"] == _build_config.TORCH_VERSION
+    assert info["with_cuda"] == _build_config.WITH_CUDA
+    assert info["version"] == mth.__version__
+
+
+def test_the_ops_are_registered_with_the_dispatcher():
+    assert torch.ops.matterhorn.linear.default._schema.name == "matterhorn::linear"
+
+
+@pytest.mark.parametrize("built,running", [("2.12.0", "2.13.0+cpu"), ("2.13.0", "3.13.0"), ("2.13.1", "2.1.3")])
+def test_a_different_torch_minor_fails_with_a_clear_message(built, running):
+    with pytest.raises(ImportError, match=re.escape(f"built against torch {built} but torch {running} is running")):
+        check_torch_version(built, running)
+
+
+def test_same_minor_with_other_patch_or_local_version_is_accepted():
+    check_torch_version("2.13.0", "2.13.1+cu130")

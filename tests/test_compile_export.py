@@ -1,0 +1,39 @@
+"""torch.compile (no graph break) and torch.export with a dynamic T and B."""
+
+import torch
+import torch.nn as nn
+
+import matterhorn_pytorch as mth
+
+
+def network():
+    return nn.Sequential(mth.snn.Linear(8, 16), nn.Tanh(), mth.snn.Linear(16, 4))
+
+
+def test_compile_fullgraph_matches_eager_forward_and_backward():
+    eager = network()
+    compiled_net = network()
+    compiled_net.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_net, fullgraph=True, dynamic=True)
+    for shape in [(4, 3, 8), (2, 5, 8)]:  # two T, B: one graph with symbolic sizes
+        x = torch.randn(shape)
+        x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_eager, y_compiled = eager(x_eager), compiled(x_compiled)
+        torch.testing.assert_close(y_compiled, y_eager)
+        y_eager.square().sum().backward()
+        y_compiled.square().sum().backward()
+        torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+        for p_compiled, p_eager in zip(compiled_net.parameters(), eager.parameters()):
+            torch.testing.assert_close(p_compiled.grad, p_eager.grad)
+        eager.zero_grad(), compiled_net.zero_grad()
+
+
+def test_export_with_dynamic_time_and_batch():
+    model = network()
+    T, B = torch.export.Dim("T", min=2), torch.export.Dim("B", min=2)
+    exported = torch.export.export(model, (torch.randn(4, 3, 8),), dynamic_shapes=({0: T, 1: B},))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert "matterhorn.linear.default" in targets
+    for shape in [(4, 3, 8), (7, 2, 8)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(exported.module()(x), model(x))
