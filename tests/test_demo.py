@@ -1,0 +1,17 @@
+"""The demo (the project's main job) runs and the C++ program prints the Python numbers."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+DEMO = Path(__file__).resolve().parent.parent / "demo" / "demo.py"
+
+
+def test_demo_runs_and_cpp_matches_python():
+    result = subprocess.run([sys.executable, str(DEMO)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    python_line = next(line for line in lines if " Python: output " in line)
+    cpp_line = next(line for line in lines if " C++: output " in line)
+    assert python_line.split(": ", 1)[1] == cpp_line.split(": ", 1)[1]
+    assert "max |difference| = 0" in next(line for line in lines if line.startswith("[2]"))
