@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "matterhorn/ops/conv.h"
 #include "matterhorn/snn/linear.h"
 #include "matterhorn/version.h"
 #include "python/dlpack_capsule.h"
@@ -72,6 +73,14 @@ PYBIND11_MODULE(_C, m) {
     info["with_cuda"] = with_cuda();
     return info;
   });
+
+  m.def(
+      "same_padding",
+      [](const std::vector<int64_t>& kernel_size, const std::vector<int64_t>& dilation) {
+        return ops::same_padding(kernel_size, dilation);
+      },
+      py::arg("kernel_size"), py::arg("dilation"),
+      "padding='same' as (before, after) pairs per spatial dimension");
 
   py::enum_<snn::StepMode>(m, "StepMode")
       .value("SINGLE", snn::StepMode::kSingle)

@@ -5,11 +5,13 @@ state_dict keys) whose forward is one ``torch.ops.matterhorn`` call in either mo
 folds ``[T, B, ...]`` into one batched computation.
 """
 
-from typing import Optional
+import inspect
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 
+from .. import _C
 from .skeleton import Module
 
 
@@ -69,4 +71,113 @@ class Linear(Synapse, nn.Linear):
         return torch.ops.matterhorn.linear(o, self.weight, self.bias)
 
 
-__all__ = ["Synapse", "Linear"]
+def _torch_twin(cls: type) -> type:
+    """The torch.nn class a matterhorn layer extends (the first one in its MRO)."""
+    return next(base for base in cls.__mro__ if base.__module__.startswith("torch.nn."))
+
+
+def _check_sizes(layer: str, arguments: dict, names_and_minimums) -> None:
+    """Sizes that torch.nn would turn into an obscure RuntimeError (or accept) become ValueErrors."""
+    for name, minimum in names_and_minimums:
+        value = arguments.get(name)
+        if value is None or isinstance(value, str):
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < minimum for v in values):
+            raise ValueError(f"{layer}: {name} must be an integer (or a tuple of them) >= {minimum}, got {value!r}")
+
+
+class _ConvSynapse(Synapse):
+    """Shared by Conv1d/2d/3d and ConvTranspose1d/2d/3d: the torch.nn twin's constructor (the
+    page's signature, positional order and defaults included) plus the keyword-only mode extras."""
+
+    _SIZES = (("in_channels", 1), ("out_channels", 1), ("kernel_size", 1), ("stride", 1),
+              ("padding", 0), ("dilation", 1), ("groups", 1), ("output_padding", 0))
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if _torch_twin(cls) is nn.Module:  # an intermediate base: no torch.nn twin yet
+            return
+        # inspect.signature(mth.snn.Conv2d) shows the twin's parameters and ours.
+        twin = inspect.signature(_torch_twin(cls).__init__)
+        extras = [inspect.Parameter("multi_time_step", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[bool]),
+                  inspect.Parameter("batch_first", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)]
+        cls.__signature__ = twin.replace(parameters=list(twin.parameters.values())[1:] + extras)
+
+    def __init__(self, *args, multi_time_step: Optional[bool] = None, batch_first: bool = False, **kwargs) -> None:
+        twin = _torch_twin(type(self))
+        arguments = inspect.signature(twin.__init__).bind(self, *args, **kwargs).arguments
+        _check_sizes(type(self).__name__, arguments, self._SIZES)
+        try:
+            twin.__init__(self, *args, **kwargs)
+        except ValueError as error:  # torch.nn's argument checks, prefixed with the layer
+            raise ValueError(f"{type(self).__name__}: {error}") from None
+        self._init_step_mode(multi_time_step, batch_first)
+        # Explicit padding for the op: N values (both sides) or (before, after) pairs for 'same'.
+        if self.padding == "same":
+            self.explicit_padding: List[int] = _C.same_padding(list(self.kernel_size), list(self.dilation))
+        elif self.padding == "valid":
+            self.explicit_padding = [0] * len(self.kernel_size)
+        else:
+            self.explicit_padding = list(self.padding)
+
+
+class _ConvNd(_ConvSynapse):
+    """Convolution over ``[T, B, C, ...]`` (one step: ``[B, C, ...]``) as one folded call. The
+    rank tells the mode, so both ranks are accepted in either mode, and ``[B, T, ...]``
+    (``batch_first``) folds the same way."""
+
+    def forward_step(self, o: torch.Tensor) -> torch.Tensor:
+        return self.forward(o)
+
+    def forward_steps(self, o: torch.Tensor) -> torch.Tensor:
+        return self.forward(o)
+
+    def forward(self, o: torch.Tensor) -> torch.Tensor:
+        return torch.ops.matterhorn.conv(
+            o, self.weight, self.bias, self.stride, self.explicit_padding, self.dilation, self.groups, self.padding_mode
+        )
+
+
+class _ConvTransposeNd(_ConvSynapse):
+    """Transposed convolution over ``[T, B, C, ...]`` (one step: ``[B, C, ...]``) as one folded
+    call; ``output_size`` (spatial sizes or the whole output shape) picks ``output_padding``."""
+
+    def forward_step(self, o: torch.Tensor) -> torch.Tensor:
+        return self.forward(o)
+
+    def forward_steps(self, o: torch.Tensor) -> torch.Tensor:
+        return self.forward(o)
+
+    def forward(self, o: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
+        return torch.ops.matterhorn.conv_transpose(
+            o, self.weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation,
+            output_size,
+        )
+
+
+class Conv1d(_ConvNd, nn.Conv1d):
+    """1-D convolution synapse: ``[T, B, C_in, L] -> [T, B, C_out, L_out]``."""
+
+
+class Conv2d(_ConvNd, nn.Conv2d):
+    """2-D convolution synapse: ``[T, B, C_in, H, W] -> [T, B, C_out, H_out, W_out]``."""
+
+
+class Conv3d(_ConvNd, nn.Conv3d):
+    """3-D convolution synapse: ``[T, B, C_in, H, W, L] -> [T, B, C_out, H_out, W_out, L_out]``."""
+
+
+class ConvTranspose1d(_ConvTransposeNd, nn.ConvTranspose1d):
+    """1-D transposed convolution synapse: ``[T, B, C_in, L] -> [T, B, C_out, L_out]``."""
+
+
+class ConvTranspose2d(_ConvTransposeNd, nn.ConvTranspose2d):
+    """2-D transposed convolution synapse: ``[T, B, C_in, H, W] -> [T, B, C_out, H_out, W_out]``."""
+
+
+class ConvTranspose3d(_ConvTransposeNd, nn.ConvTranspose3d):
+    """3-D transposed convolution synapse: ``[T, B, C_in, H, W, L] -> [T, B, C_out, ...]``."""
+
+
+__all__ = ["Synapse", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
