@@ -1,22 +1,30 @@
 """torch.compile (no graph break) and torch.export with a dynamic T and B."""
 
+import pytest
 import torch
 import torch.nn as nn
 
 import matterhorn_pytorch as mth
+from models import MixedConvNet
 
 
 def network():
     return nn.Sequential(mth.snn.Linear(8, 16), nn.Tanh(), mth.snn.Linear(16, 4))
 
 
-def test_compile_fullgraph_matches_eager_forward_and_backward():
-    eager = network()
-    compiled_net = network()
+@pytest.mark.parametrize("make,shapes", [
+    (network, [(4, 3, 8), (2, 5, 8)]),
+    (MixedConvNet, [(3, 2, 2, 8, 8), (2, 3, 2, 8, 8)]),
+], ids=["linear", "all-six-convs"])
+def test_compile_fullgraph_matches_eager_forward_and_backward(make, shapes):
+    eager = make()
+    compiled_net = make()
     compiled_net.load_state_dict(eager.state_dict())
-    compiled = torch.compile(compiled_net, fullgraph=True, dynamic=True)
-    for shape in [(4, 3, 8), (2, 5, 8)]:  # two T, B: one graph with symbolic sizes
+    compiled = torch.compile(compiled_net, fullgraph=True)
+    for shape in shapes:  # two T, B: one graph with symbolic T and B
         x = torch.randn(shape)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(x, 1)
         x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
         y_eager, y_compiled = eager(x_eager), compiled(x_compiled)
         torch.testing.assert_close(y_compiled, y_eager)

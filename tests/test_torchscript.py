@@ -8,19 +8,28 @@ import torch.nn as nn
 
 import matterhorn_pytorch as mth
 from conftest import run_model_in_cpp
+from models import MixedConvNet
 
 # torch 2.13 deprecates TorchScript; it still has to work, so its warning is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
 
-def network():
+def linear_network():
     return nn.Sequential(mth.snn.Linear(8, 16), mth.snn.Linear(16, 4)).eval()
 
 
+NETWORKS = {
+    "linear": (linear_network, (4, 3, 8), (2, 5, 8)),
+    "all-six-convs": (lambda: MixedConvNet().eval(), (3, 2, 2, 8, 8), (2, 4, 2, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("network", NETWORKS)
 @pytest.mark.parametrize("export", ["script", "trace"])
-def test_round_trip_and_cpp_program_give_the_python_output(export, tmp_path):
-    model = network()
-    x = torch.randn(4, 3, 8)
+def test_round_trip_and_cpp_program_give_the_python_output(network, export, tmp_path):
+    make, shape, other_shape = NETWORKS[network]
+    model = make()
+    x = torch.randn(shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = torch.jit.script(model) if export == "script" else torch.jit.trace(model, x)
@@ -30,7 +39,7 @@ def test_round_trip_and_cpp_program_give_the_python_output(export, tmp_path):
     expected = model(x)
     torch.testing.assert_close(loaded(x), expected)
     # another T and B through the same file (traced files too: the op folds whatever comes)
-    x2 = torch.randn(2, 5, 8)
+    x2 = torch.randn(other_shape)
     torch.testing.assert_close(loaded(x2), model(x2))
     torch.testing.assert_close(run_model_in_cpp(path, x, tmp_path), expected, rtol=1e-5, atol=1e-6)
 
