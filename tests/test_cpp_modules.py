@@ -5,6 +5,8 @@ import torch
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 import matterhorn_pytorch as mth
+from test_conv import CONFIGS as CONV_CONFIGS
+from test_conv import config_id as conv_config_id
 
 
 def cpp_twin(python_layer, cpp_layer):
@@ -39,3 +41,43 @@ def test_cpp_linear_errors_keep_their_python_types():
         cpp_layer.forward(to_dlpack(torch.randn(3, 4, dtype=torch.float64)))
     with pytest.raises(KeyError, match="no parameter named 'gain'"):
         cpp_layer.load_parameters({"gain": to_dlpack(torch.ones(2))})
+
+
+def cpp_arguments(kwargs):
+    """The Python constructor's arguments as _C takes them: sizes as lists."""
+    return {k: ([v] if isinstance(v, int) and not isinstance(v, bool) and k not in ("in_channels", "out_channels", "groups")
+                else list(v) if isinstance(v, tuple) else v)
+            for k, v in kwargs.items()}
+
+
+@pytest.mark.parametrize("config", CONV_CONFIGS, ids=conv_config_id)
+def test_cpp_convolutions_match_the_python_classes(config):
+    name, kwargs, size = config
+    python_layer = getattr(mth.snn, name)(**kwargs)
+    cpp_layer = cpp_twin(python_layer, getattr(mth._C, name)(**cpp_arguments(kwargs)))
+    for shape in [(3, 2, kwargs["in_channels"], *size), (2, kwargs["in_channels"], *size)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(from_dlpack(cpp_layer.forward(to_dlpack(x))), python_layer(x))
+
+
+def test_cpp_conv_transpose_output_size_and_initialisation():
+    python_layer = mth.snn.ConvTranspose2d(3, 2, 3, stride=2, padding=1)
+    cpp_layer = cpp_twin(python_layer, mth._C.ConvTranspose2d(3, 2, [3], stride=[2], padding=[1]))
+    x = torch.randn(2, 4, 3, 7, 6)
+    torch.testing.assert_close(from_dlpack(cpp_layer.forward(to_dlpack(x), [14, 12])),
+                               python_layer(x, output_size=[14, 12]))
+    weight = from_dlpack(mth._C.Conv2d(8, 16, [3]).named_parameters()["weight"])
+    bound = 1 / (8 * 9) ** 0.5  # fan_in = in_channels * kernel area, as torch.nn
+    assert weight.shape == (16, 8, 3, 3) and 0.9 * bound < weight.abs().max() <= bound
+
+
+def test_cpp_conv_repr_and_constructor_errors():
+    assert repr(mth._C.Conv2d(3, 8, [3], padding="same", padding_mode="circular")) == (
+        "matterhorn::snn::Conv2d(3, 8, kernel_size=[3, 3], stride=[1, 1], padding=same, dilation=[1, 1], "
+        "groups=1, bias=true, padding_mode=circular, step_mode='m')")
+    with pytest.raises(ValueError, match=r"Conv2d: in_channels and out_channels must be divisible by groups"):
+        mth._C.Conv2d(3, 8, [3], groups=2)
+    with pytest.raises(ValueError, match=r"ConvTranspose3d: stride must be >= 1, got \[1, 0, 1\]"):
+        mth._C.ConvTranspose3d(2, 2, [3], stride=[1, 0, 1])
+    with pytest.raises(ValueError, match=r"Conv1d: padding='same' is not supported for strided convolutions"):
+        mth._C.Conv1d(2, 2, [3], stride=[2], padding="same")

@@ -1,6 +1,8 @@
 #pragma once
 // Everything of the public C++ API.
 #include "matterhorn/ops/linear.h"
+#include "matterhorn/ops/conv.h"
+#include "matterhorn/snn/conv.h"
 #include "matterhorn/snn/linear.h"
 #include "matterhorn/snn/step_mode.h"
 #include "matterhorn/version.h"

@@ -1,11 +1,9 @@
 #include "matterhorn/snn/linear.h"
 
-#include <cmath>
-
 #include <ATen/ops/empty.h>
-#include <torch/nn/init.h>
 
 #include "matterhorn/ops/linear.h"
+#include "modules/init.h"
 
 namespace matterhorn::snn {
 
@@ -26,13 +24,7 @@ void LinearImpl::reset() {
 }
 
 void LinearImpl::reset_parameters() {
-  // torch.nn.Linear's initialisation: U(-1/sqrt(in), 1/sqrt(in)) for both.
-  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
-  if (bias.defined()) {
-    const double bound =
-        options.in_features() > 0 ? 1.0 / std::sqrt(static_cast<double>(options.in_features())) : 0.0;
-    torch::nn::init::uniform_(bias, -bound, bound);
-  }
+  detail::init_like_torch_nn(weight, bias);
 }
 
 void LinearImpl::pretty_print(std::ostream& stream) const {

@@ -4,8 +4,10 @@
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/enum.h>
 
 #include "matterhorn/ops/conv.h"
+#include "matterhorn/snn/conv.h"
 #include "matterhorn/snn/linear.h"
 #include "matterhorn/version.h"
 #include "python/dlpack_capsule.h"
@@ -45,6 +47,82 @@ void bind_module_tensors(PyClass& cls) {
         self->pretty_print(stream);
         return stream.str();
       });
+}
+
+template <size_t D>
+torch::ExpandingArray<D> sizes(const std::vector<int64_t>& values) {
+  if (values.size() == 1) return torch::ExpandingArray<D>(values[0]);
+  return torch::ExpandingArray<D>(values);
+}
+
+torch::nn::detail::conv_padding_mode_t padding_mode(const std::string& name) {
+  if (name == "zeros") return torch::kZeros;
+  if (name == "reflect") return torch::kReflect;
+  if (name == "replicate") return torch::kReplicate;
+  if (name == "circular") return torch::kCircular;
+  throw py::value_error("padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', got '" + name + "'");
+}
+
+snn::StepMode step_mode(bool multi_time_step) {
+  return multi_time_step ? snn::StepMode::kMulti : snn::StepMode::kSingle;
+}
+
+// Conv1d/2d/3d with the Python class's arguments (sizes as lists; padding a list or a string).
+template <typename Holder, size_t D>
+void bind_conv(py::module_& m, const char* name) {
+  auto cls = py::class_<Holder>(m, name);
+  cls.def(
+      py::init([](int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
+                  const std::vector<int64_t>& stride, const std::variant<std::string, std::vector<int64_t>>& padding,
+                  const std::vector<int64_t>& dilation, int64_t groups, bool bias, const std::string& mode,
+                  bool multi_time_step, bool batch_first) {
+        snn::ConvOptions<D> options(in_channels, out_channels, sizes<D>(kernel_size));
+        options.stride(sizes<D>(stride)).dilation(sizes<D>(dilation)).groups(groups).bias(bias);
+        options.padding_mode(padding_mode(mode)).step_mode(step_mode(multi_time_step)).batch_first(batch_first);
+        if (const auto* text = std::get_if<std::string>(&padding)) {
+          if (*text == "same") {
+            options.padding(torch::kSame);
+          } else if (*text == "valid") {
+            options.padding(torch::kValid);
+          } else {
+            throw py::value_error("padding must be 'same', 'valid' or sizes, got '" + *text + "'");
+          }
+        } else {
+          options.padding(sizes<D>(std::get<std::vector<int64_t>>(padding)));
+        }
+        return Holder(options);
+      }),
+      py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
+      py::arg("stride") = std::vector<int64_t>{1}, py::arg("padding") = std::vector<int64_t>{0},
+      py::arg("dilation") = std::vector<int64_t>{1}, py::arg("groups") = 1, py::arg("bias") = true,
+      py::arg("padding_mode") = "zeros", py::kw_only(), py::arg("multi_time_step") = true,
+      py::arg("batch_first") = false);
+  bind_module_tensors<Holder>(cls);
+}
+
+template <typename Holder, size_t D>
+void bind_conv_transpose(py::module_& m, const char* name) {
+  auto cls = py::class_<Holder>(m, name);
+  cls.def(
+      py::init([](int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
+                  const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                  const std::vector<int64_t>& output_padding, int64_t groups, bool bias,
+                  const std::vector<int64_t>& dilation, bool multi_time_step, bool batch_first) {
+        snn::ConvTransposeOptions<D> options(in_channels, out_channels, sizes<D>(kernel_size));
+        options.stride(sizes<D>(stride)).padding(sizes<D>(padding)).output_padding(sizes<D>(output_padding));
+        options.groups(groups).bias(bias).dilation(sizes<D>(dilation));
+        options.step_mode(step_mode(multi_time_step)).batch_first(batch_first);
+        return Holder(options);
+      }),
+      py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
+      py::arg("stride") = std::vector<int64_t>{1}, py::arg("padding") = std::vector<int64_t>{0},
+      py::arg("output_padding") = std::vector<int64_t>{0}, py::arg("groups") = 1,
+      py::arg("bias") = true, py::arg("dilation") = std::vector<int64_t>{1}, py::kw_only(),
+      py::arg("multi_time_step") = true, py::arg("batch_first") = false);
+  bind_module_tensors<Holder>(cls);
+  cls.def("forward", [](Holder& self, const py::capsule& input, const std::vector<int64_t>& output_size) {
+    return tensor_to_capsule(self->forward(tensor_from_capsule(input), output_size));
+  });
 }
 
 }  // namespace
@@ -92,10 +170,17 @@ PYBIND11_MODULE(_C, m) {
                   bool batch_first) {
         return snn::Linear(snn::LinearOptions(in_features, out_features)
                                .bias(bias)
-                               .step_mode(multi_time_step ? snn::StepMode::kMulti : snn::StepMode::kSingle)
+                               .step_mode(python::step_mode(multi_time_step))
                                .batch_first(batch_first));
       }),
       py::arg("in_features"), py::arg("out_features"), py::arg("bias") = true, py::kw_only(),
       py::arg("multi_time_step") = true, py::arg("batch_first") = false);
   python::bind_module_tensors<snn::Linear>(linear);
+
+  python::bind_conv<snn::Conv1d, 1>(m, "Conv1d");
+  python::bind_conv<snn::Conv2d, 2>(m, "Conv2d");
+  python::bind_conv<snn::Conv3d, 3>(m, "Conv3d");
+  python::bind_conv_transpose<snn::ConvTranspose1d, 1>(m, "ConvTranspose1d");
+  python::bind_conv_transpose<snn::ConvTranspose2d, 2>(m, "ConvTranspose2d");
+  python::bind_conv_transpose<snn::ConvTranspose3d, 3>(m, "ConvTranspose3d");
 }
