@@ -1,10 +1,11 @@
 """The project's main job: spike trains [T, B, ...] through a multi-step SNN of matterhorn layers.
 
-1. a multi-step network runs a whole spike train in one call per layer;
+For a fully connected network and a convolutional one:
+1. the multi-step network runs a whole spike train in one call per layer;
 2. the same weights in single-step mode give the same result step by step;
-3. the synapse layers are timed against folded torch.nn (what SpikingJelly does);
-4. the network is exported with TorchScript and run by a C++ program (no Python), which prints
-   the same numbers.
+3. its synapse layers are timed against folded torch.nn (what SpikingJelly does);
+4. it is exported with TorchScript and run by a C++ program (no Python), which prints the
+   same numbers.
 
     bash scripts/demo.sh          (or: .venv/bin/python demo/demo.py)
 """
@@ -20,7 +21,7 @@ import torch.utils.benchmark as benchmark
 
 import matterhorn_pytorch as mth
 
-T, B, IN, HIDDEN, OUT = 8, 32, 784, 256, 10
+T, B = 8, 32
 OUT_DIR = Path(__file__).resolve().parent.parent / "demo_out"
 RUN_MODEL = Path(mth._C.__file__).resolve().parent / "bin" / "matterhorn_run_model"
 
@@ -58,6 +59,33 @@ class LIF(mth.snn.Module):
         return self
 
 
+class Flatten(mth.snn.Module):
+    """[T, B, C, H, W] -> [T, B, C*H*W] (single-step: [B, C, H, W] -> [B, C*H*W])."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2) if self.step_mode == "m" else x.flatten(1)
+
+
+def mlp():
+    return nn.Sequential(mth.snn.Linear(784, 256), LIF(), mth.snn.Linear(256, 10))
+
+
+def convnet():
+    return nn.Sequential(
+        mth.snn.Conv2d(2, 8, 3, padding=1), LIF(),
+        mth.snn.Conv2d(8, 16, 3, stride=2, padding=1), LIF(),
+        Flatten(), mth.snn.Linear(16 * 16 * 16, 10),
+    )
+
+
+# name, network, input size per step, its layers 0 and 2 as torch.nn (for the timing)
+NETWORKS = [
+    ("mlp", mlp, (784,), lambda: nn.Sequential(nn.Linear(784, 256), nn.Linear(256, 10))),
+    ("conv", convnet, (2, 32, 32), lambda: nn.Sequential(nn.Conv2d(2, 8, 3, padding=1),
+                                                         nn.Conv2d(8, 16, 3, stride=2, padding=1))),
+]
+
+
 def summary(output: torch.Tensor, who: str) -> str:
     """The line matterhorn_run_model prints, so the two can be compared by eye."""
     flat = output.double().flatten()
@@ -65,17 +93,18 @@ def summary(output: torch.Tensor, who: str) -> str:
     return f"matterhorn {mth.__version__} {who}: output {list(output.shape)} sum={flat.sum():.6f} first=[{first}]"
 
 
-def time_synapses() -> None:
-    """Forward+backward of the network's two synapse layers: ours vs torch.nn on the folded tensor."""
-    ours = nn.Sequential(mth.snn.Linear(IN, HIDDEN), mth.snn.Linear(HIDDEN, OUT))
-    fold = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Linear(HIDDEN, OUT))
+def time_synapses(net: nn.Module, make_fold, size) -> str:
+    """Forward+backward of the network's first two synapse layers (net[0] and net[2], without the
+    neuron between them): ours vs torch.nn on the folded tensor."""
+    ours = nn.Sequential(net[0], net[2])
+    fold = make_fold()
     fold.load_state_dict(ours.state_dict())
-    x = (torch.rand(T, B, IN) < 0.15).float().requires_grad_()
+    x = (torch.rand(T, B, *size) < 0.15).float().requires_grad_()
 
-    def step(net, fold_time):
+    def step(layers, fold_time):
         def run():
-            net.zero_grad(set_to_none=True)
-            y = net(x.flatten(0, 1)).unflatten(0, (T, B)) if fold_time else net(x)
+            layers.zero_grad(set_to_none=True)
+            y = layers(x.flatten(0, 1)).unflatten(0, (T, B)) if fold_time else layers(x)
             y.sum().backward()
         return run
 
@@ -83,23 +112,21 @@ def time_synapses() -> None:
     for name, fn in [("ours", step(ours, False)), ("fold", step(fold, True))]:
         fn()
         times[name] = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5).median
-    print(f"[3] synapses fwd+bwd, T={T} B={B}: ours {1e3 * times['ours']:.3f} ms, "
-          f"folded torch {1e3 * times['fold']:.3f} ms, ratio {times['ours'] / times['fold']:.3f}")
+    return (f"synapses fwd+bwd: ours {1e3 * times['ours']:.3f} ms, folded torch {1e3 * times['fold']:.3f} ms, "
+            f"ratio {times['ours'] / times['fold']:.3f}")
 
 
-def main() -> int:
+def run_network(name, make, size, make_fold) -> bool:
     torch.manual_seed(0)
-    net = nn.Sequential(mth.snn.Linear(IN, HIDDEN), LIF(), mth.snn.Linear(HIDDEN, OUT)).eval()
-    spikes = (torch.rand(T, B, IN) < 0.15).float()  # rate-coded input, 15% density
-
+    net = make().eval()
+    spikes = (torch.rand(T, B, *size) < 0.15).float()  # rate-coded input, 15% density
+    print(f"== {name}: {net.__class__.__name__} of {', '.join(type(m).__name__ for m in net)}")
     with torch.no_grad():
         multi = net(spikes)
-        print(f"[1] multi-step: {list(spikes.shape)} -> {list(multi.shape)}, "
-              f"{int(net[1](net[0](spikes)).sum())} hidden spikes")
-
+        print(f"[1] multi-step: {list(spikes.shape)} -> {list(multi.shape)}")
         for layer in net:  # a plain nn.Sequential holds no mode: switch each layer
             layer.single_step_mode_()
-        net[1].reset()
+            layer.reset()
         steps = torch.stack([net(spikes[t]) for t in range(T)])
         for layer in net:
             layer.multi_step_mode_()
@@ -107,12 +134,13 @@ def main() -> int:
         print(f"[2] single-step, step by step: max |difference| = {difference:.3g}")
         if difference > 1e-5:
             print("    MISMATCH between modes", file=sys.stderr)
-            return 1
+            return False
 
-    time_synapses()
+    print("[3] " + time_synapses(net, make_fold, size))
 
     OUT_DIR.mkdir(exist_ok=True)
-    model_path, input_path, output_path = OUT_DIR / "snn_demo.pt", OUT_DIR / "input.pt", OUT_DIR / "output.pt"
+    model_path, input_path, output_path = (OUT_DIR / f"{name}.pt", OUT_DIR / f"{name}_input.pt",
+                                           OUT_DIR / f"{name}_output.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch 2.13 deprecates TorchScript; it still works
         torch.jit.script(net).save(str(model_path))
@@ -123,10 +151,15 @@ def main() -> int:
                          capture_output=True, text=True)
     print("    " + (cpp.stdout.strip() or cpp.stderr.strip()))
     if cpp.returncode != 0:
-        return 1
+        return False
     difference = (torch.load(output_path) - multi).abs().max().item()
     print(f"    C++ vs Python: max |difference| = {difference:.3g}")
-    return 0 if difference < 1e-4 else 1
+    return difference < 1e-4
+
+
+def main() -> int:
+    ok = all([run_network(*network) for network in NETWORKS])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""Convolutions: mth.snn layers against torch.nn on the folded tensor, forward+backward.
+
+The cases of ../shared/ANCHORS.md with B scaled down to fit a 2-core CPU.
+
+    .venv/bin/python bench/bench_conv.py [--quick]
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+import matterhorn_pytorch as mth  # noqa: E402
+from common import Case, compare, print_table  # noqa: E402
+
+# (label, class name, constructor arguments, input shape [T, B, C, ...])
+CASES = [
+    ("Conv2d 128->128 3x3, 32x32, T=4 B=4", "Conv2d", dict(in_channels=128, out_channels=128, kernel_size=3, padding=1), (4, 4, 128, 32, 32)),
+    ("Conv2d 256->256 3x3, 16x16, T=4 B=4", "Conv2d", dict(in_channels=256, out_channels=256, kernel_size=3, padding=1), (4, 4, 256, 16, 16)),
+    ("Conv2d 2->64 3x3, 128x128, T=4 B=4", "Conv2d", dict(in_channels=2, out_channels=64, kernel_size=3, padding=1), (4, 4, 2, 128, 128)),
+    ("Conv2d 64->64 3x3, 16x16, T=4 B=1 (small)", "Conv2d", dict(in_channels=64, out_channels=64, kernel_size=3, padding=1), (4, 1, 64, 16, 16)),
+    ("Conv1d 64->128 k3, L=700, T=8 B=4", "Conv1d", dict(in_channels=64, out_channels=128, kernel_size=3, padding=1), (8, 4, 64, 700)),
+    ("ConvTranspose2d 64->32 4x4 s2, 16x16, T=4 B=4", "ConvTranspose2d", dict(in_channels=64, out_channels=32, kernel_size=4, stride=2, padding=1), (4, 4, 64, 16, 16)),
+]
+
+
+def conv_case(label, name, kwargs, shape):
+    torch.manual_seed(0)
+    ours = getattr(mth.snn, name)(**kwargs)
+    fold = getattr(nn, name)(**kwargs)
+    fold.load_state_dict(ours.state_dict())
+    spikes = (torch.rand(shape) < 0.15).float()  # 15% density, as in ANCHORS.md
+    x_ours, x_fold = spikes.clone().requires_grad_(), spikes.clone().requires_grad_()
+
+    def train_step(layer, forward, x):
+        def step():
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            forward(x).sum().backward()
+        return step
+
+    return Case(f"{label} fwd+bwd", train_step(ours, ours, x_ours),
+                train_step(fold, lambda x: fold(x.flatten(0, 1)).unflatten(0, x.shape[:2]), x_fold))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (a smoke run)")
+    args = parser.parse_args()
+    rows = compare([conv_case(*case) for case in CASES], rounds=1 if args.quick else 3,
+                   min_run_time=0.1 if args.quick else 1.0)
+    print_table("Convolutions, CPU", rows)
+
+
+if __name__ == "__main__":
+    main()
