@@ -1,6 +1,7 @@
 #pragma once
 // Everything of the public C++ API.
 #include "matterhorn/ops/linear.h"
+#include "matterhorn/ops/batch_norm.h"
 #include "matterhorn/ops/conv.h"
 #include "matterhorn/snn/conv.h"
 #include "matterhorn/snn/linear.h"

@@ -1,0 +1,334 @@
+// BatchNorm: schemas, argument checks in the user's terms, and the device-generic compositions
+// (the per-element work is in the building-block kernels: ops/cpu/batch_norm_kernel.cpp, ...).
+#include "ops/batch_norm.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include "matterhorn/ops/batch_norm.h"
+#include "ops/checks.h"
+
+namespace matterhorn::ops {
+namespace detail {
+namespace {
+
+// The building blocks, called through the dispatcher so each device's kernel runs.
+std::tuple<at::Tensor, at::Tensor> call_stats(const at::Tensor& input, int64_t groups) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("matterhorn::batch_norm_stats", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
+  return op.call(input, groups);
+}
+
+at::Tensor call_elemt(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift, int64_t groups) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("matterhorn::batch_norm_elemt", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(input, scale, shift, groups);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_backward_reduce(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, int64_t groups) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("matterhorn::batch_norm_backward_reduce", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(grad_output, input, mean, groups);
+}
+
+at::Tensor call_backward_elemt(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& k_dy,
+    const at::Tensor& k_x, const at::Tensor& k_shift, int64_t groups) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("matterhorn::batch_norm_backward_elemt", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, int64_t)>();
+  return op.call(grad_output, input, k_dy, k_x, k_shift, groups);
+}
+
+at::Tensor call_normalize_first(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    bool batch_statistics, double eps, int64_t groups, at::Tensor& mean, at::Tensor& var) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("matterhorn::batch_norm_normalize", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double, int64_t)>();
+  at::Tensor output;
+  std::tie(output, mean, var) = op.call(input, weight, bias, running_mean, running_var, batch_statistics, eps, groups);
+  return output;
+}
+
+void call_update_stats(
+    const at::Tensor& mean, const at::Tensor& var, const c10::SymInt& count, const at::Tensor& running_mean,
+    const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked,
+    std::optional<double> momentum) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("matterhorn::batch_norm_update_stats", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, c10::SymInt, const at::Tensor&, const at::Tensor&,
+                      const std::optional<at::Tensor>&, std::optional<double>)>();
+  op.call(mean, var, count, running_mean, running_var, num_batches_tracked, momentum);
+}
+
+// The page's names: [L] (optional for BatchNorm1d), [H, W], [H, W, L].
+std::string accepted_shapes(int64_t dims) {
+  switch (dims) {
+    case 1: return "[T, B, C] or [T, B, C, L] in multi-step mode, [B, C] or [B, C, L] in single-step mode";
+    case 2: return "[T, B, C, H, W] in multi-step mode or [B, C, H, W] in single-step mode";
+    default: return "[T, B, C, H, W, L] in multi-step mode or [B, C, H, W, L] in single-step mode";
+  }
+}
+
+bool rank_accepted(int64_t rank, int64_t dims, bool multi_step) {
+  const int64_t leading = multi_step ? 2 : 1;
+  return dims == 1 ? (rank == leading + 1 || rank == leading + 2) : rank == leading + 1 + dims;
+}
+
+// A parameter or running statistic: the input's dtype, or float32 beside a reduced-precision input.
+void check_parameter(const std::string& layer, const at::Tensor& input, const std::optional<at::Tensor>& param,
+                     const char* name, int64_t num_features) {
+  if (!param.has_value() || !param->defined()) return;
+  TORCH_CHECK_VALUE(
+      param->dim() == 1 && param->sym_size(0) == num_features, layer, ": ", name, " must be [num_features] = [",
+      num_features, "], got ", param->sym_sizes());
+  const bool reduced_input = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  TORCH_CHECK_TYPE(
+      param->scalar_type() == input.scalar_type() || (reduced_input && param->scalar_type() == at::kFloat), layer,
+      ": the input's dtype ", dtype_name(input.scalar_type()), " does not match the layer's ", name, " dtype ",
+      dtype_name(param->scalar_type()), "; cast the input or call .to(", dtype_name(input.scalar_type()),
+      ") on the layer");
+  TORCH_CHECK_VALUE(
+      input.device() == param->device(), layer, ": the input is on ", input.device(), " but the layer's ", name,
+      " is on ", param->device(), "; move one of them with .to(device)");
+}
+
+void check_batch_norm_arguments(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
+    int64_t num_features, int64_t dims, bool multi_step, bool per_step) {
+  TORCH_CHECK_VALUE(dims >= 1 && dims <= 3, "batch_norm: dims must be 1, 2 or 3, got ", dims);
+  const std::string layer = c10::str("BatchNorm", dims, "d");
+  TORCH_CHECK_VALUE(
+      rank_accepted(input.dim(), dims, multi_step), layer, " (", multi_step ? "multi" : "single",
+      "-step mode): expected input ", accepted_shapes(dims), "; got a ", input.dim(), "-D tensor ",
+      input.sym_sizes());
+  const int64_t channel_dim = multi_step ? 2 : 1;
+  TORCH_CHECK_VALUE(
+      input.sym_size(channel_dim) == num_features, layer, "(num_features=", num_features, "): expected ",
+      num_features, " channels at dimension ", channel_dim, " (C in ", accepted_shapes(dims), "); got ",
+      input.sym_sizes());
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(input.scalar_type()), layer, ": expected a floating-point input, got ",
+      dtype_name(input.scalar_type()));
+  check_parameter(layer, input, weight, "weight", num_features);
+  check_parameter(layer, input, bias, "bias", num_features);
+  check_parameter(layer, input, running_mean, "running_mean", num_features);
+  check_parameter(layer, input, running_var, "running_var", num_features);
+  const bool batch_statistics = training || !(running_mean.has_value() && running_mean->defined());
+  if (training || batch_statistics) {
+    // Values per channel (per time step with per_step) must be more than one.
+    c10::SymInt count = input.sym_numel() / num_features;
+    if (per_step && multi_step) count = count / input.sym_size(0);
+    TORCH_CHECK_VALUE(
+        count > 1, layer, ": expected more than 1 value per channel", per_step ? " and time step" : "",
+        " in training; got input ", input.sym_sizes());
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, BatchNormLayout> batch_norm_layout(const at::Tensor& input, int64_t groups) {
+  BatchNormLayout layout;
+  layout.groups = groups;
+  layout.channels = input.size(1);
+  const int64_t spatial = input.dim() > 2 ? input.numel() / std::max<int64_t>(1, input.size(0) * input.size(1)) : 1;
+  const int64_t rows = input.size(0) / groups;
+  // No spatial size, or channels last in memory: walk [G, M*S, C]. Contiguous: [G, M, C, S].
+  const bool channels_last = spatial == 1 || (input.dim() > 2 && input.movedim(1, -1).is_contiguous());
+  at::Tensor walk = input;
+  if (channels_last) {
+    if (!input.movedim(1, -1).is_contiguous()) walk = input.contiguous();  // only [N, C] with odd strides
+    layout.channels_last = true;
+    layout.rows = rows * spatial;
+  } else {
+    if (!input.is_contiguous()) walk = input.contiguous();
+    layout.rows = rows;
+    layout.inner = spatial;
+  }
+  return {walk, layout};
+}
+
+void check_batch_norm_block(const char* op, const at::Tensor& input, int64_t groups) {
+  TORCH_CHECK_VALUE(input.dim() >= 2, op, ": expected a folded input [N, C, ...], got ", input.sym_sizes());
+  TORCH_CHECK_VALUE(
+      groups >= 1 && input.sym_size(0) % groups == 0, op, ": groups (", groups, ") must divide N = ",
+      input.sym_size(0));
+}
+
+at::Tensor fold_time(const at::Tensor& input, bool multi_step) {
+  return multi_step ? input.flatten(0, 1) : input;
+}
+
+at::Tensor unfold_time(const at::Tensor& output, const at::Tensor& input, bool multi_step) {
+  return multi_step ? output.unflatten_symint(0, {input.sym_size(0), input.sym_size(1)}) : output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    bool batch_statistics, double eps, int64_t groups) {
+  const auto acc = at::toOpMathType(input.scalar_type());
+  at::Tensor mean, var;
+  if (batch_statistics) {
+    std::tie(mean, var) = call_stats(input, groups);
+  } else {
+    TORCH_CHECK_VALUE(
+        running_mean.has_value() && running_var.has_value(),
+        "batch_norm_normalize: running statistics are needed without batch statistics");
+    mean = running_mean->to(acc).unsqueeze(0);
+    var = running_var->to(acc).unsqueeze(0);
+    groups = 1;
+  }
+  at::Tensor scale = (var + eps).rsqrt();
+  if (weight.has_value() && weight->defined()) scale = scale * weight->to(acc);
+  at::Tensor shift = -mean * scale;
+  if (bias.has_value() && bias->defined()) shift = shift + bias->to(acc);
+  return {call_elemt(input, scale, shift, groups), mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& var, bool batch_statistics, double eps, int64_t groups,
+    std::array<bool, 3> needs) {
+  const bool has_weight = weight.has_value() && weight->defined();
+  const at::Tensor invstd = (var + eps).rsqrt();
+  const at::Tensor k_dy = has_weight ? invstd * weight->to(invstd.scalar_type()) : invstd;
+  at::Tensor sum_dy, sum_dy_xmu, grad_input, grad_weight, grad_bias;
+  if (needs[1] || needs[2] || (needs[0] && batch_statistics)) {
+    std::tie(sum_dy, sum_dy_xmu) = call_backward_reduce(grad_output, input, mean, groups);
+  }
+  if (needs[0]) {
+    if (batch_statistics) {
+      // dx = (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))) * invstd * w
+      const c10::SymInt count = input.sym_numel() / (mean.sym_numel());
+      const at::Tensor k_x = -k_dy * invstd * invstd * sum_dy_xmu / c10::Scalar(count);
+      const at::Tensor k_shift = -k_dy * sum_dy / c10::Scalar(count) - mean * k_x;
+      grad_input = call_backward_elemt(grad_output, input, k_dy, k_x, k_shift, groups);
+    } else {
+      grad_input = call_elemt(grad_output, k_dy, at::zeros_like(k_dy), groups);
+    }
+  }
+  if (needs[1]) grad_weight = (sum_dy_xmu * invstd).sum(0).to(weight->scalar_type());
+  if (needs[2]) grad_bias = sum_dy.sum(0);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace detail
+
+namespace {
+
+// batch_norm_normalize on any device: the building blocks do the per-element work.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_normalize_composite(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    bool batch_statistics, double eps, int64_t groups) {
+  return detail::normalize_forward(input, weight, bias, running_mean, running_var, batch_statistics, eps, groups);
+}
+
+// Running statistics as torch.nn updates them, once per group in order: with per-step statistics
+// (G = T) that is what T calls of torch.nn.BatchNorm would do. No host synchronisation.
+void batch_norm_update_stats_composite(
+    const at::Tensor& mean, const at::Tensor& var, c10::SymInt count, const at::Tensor& running_mean,
+    const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked,
+    std::optional<double> momentum) {
+  const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  const at::Tensor unbiased = var * c10::Scalar(count) / c10::Scalar(count - 1);
+  for (const auto g : c10::irange(mean.size(0))) {
+    if (tracked) num_batches_tracked->add_(1);
+    if (momentum.has_value()) {
+      running_mean.lerp_(mean[g].to(running_mean.scalar_type()), *momentum);
+      running_var.lerp_(unbiased[g].to(running_var.scalar_type()), *momentum);
+    } else if (tracked) {  // cumulative moving average: factor 1 / num_batches_tracked
+      const at::Tensor factor = num_batches_tracked->reciprocal().to(running_mean.scalar_type());
+      running_mean.lerp_(mean[g].to(running_mean.scalar_type()), factor);
+      running_var.lerp_(unbiased[g].to(running_var.scalar_type()), factor);
+    }
+  }
+}
+
+// The layer op: checks in the user's terms, fold, normalize, update the running statistics.
+at::Tensor batch_norm_composite(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, bool training, std::optional<double> momentum,
+    double eps, int64_t num_features, int64_t dims, bool multi_step, bool per_step) {
+  detail::check_batch_norm_arguments(
+      input, weight, bias, running_mean, running_var, training, num_features, dims, multi_step, per_step);
+  const bool has_running = running_mean.has_value() && running_mean->defined();
+  const bool batch_statistics = training || !has_running;
+  const int64_t groups = per_step && multi_step && batch_statistics ? input.size(0) : 1;
+  const at::Tensor folded = detail::fold_time(input, multi_step);
+  at::Tensor mean, var;
+  const at::Tensor output = detail::call_normalize_first(
+      folded, weight, bias, running_mean, running_var, batch_statistics, eps, groups, mean, var);
+  if (training && has_running) {
+    detail::call_update_stats(
+        mean, var, folded.sym_numel() / mean.sym_numel(), *running_mean, *running_var, num_batches_tracked,
+        momentum);
+  }
+  return detail::unfold_time(output, input, multi_step);
+}
+
+}  // namespace
+
+at::Tensor batch_norm(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, bool training, std::optional<double> momentum,
+    double eps, int64_t num_features, int64_t dims, bool multi_step, bool per_step) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("matterhorn::batch_norm", "")
+          .typed<decltype(batch_norm_composite)>();
+  return op.call(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+                 num_features, dims, multi_step, per_step);
+}
+
+}  // namespace matterhorn::ops
+
+TORCH_LIBRARY_FRAGMENT(matterhorn, m) {
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, float? momentum, "
+      "float eps, int num_features, int dims, bool multi_step, bool per_step=False) -> Tensor");
+  m.def(
+      "batch_norm_normalize(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool batch_statistics, float eps, int groups) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_update_stats(Tensor mean, Tensor var, SymInt count, Tensor(a!) running_mean, "
+      "Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, float? momentum) -> ()");
+  m.def("batch_norm_stats(Tensor input, int groups) -> (Tensor, Tensor)");
+  m.def("batch_norm_elemt(Tensor input, Tensor scale, Tensor shift, int groups) -> Tensor");
+  m.def("batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, int groups) -> (Tensor, Tensor)");
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor k_dy, Tensor k_x, Tensor k_shift, "
+      "int groups) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(matterhorn, CompositeImplicitAutograd, m) {
+  m.impl("batch_norm", &matterhorn::ops::batch_norm_composite);
+}
+
+TORCH_LIBRARY_IMPL(matterhorn, CompositeExplicitAutograd, m) {
+  m.impl("batch_norm_normalize", &matterhorn::ops::batch_norm_normalize_composite);
+  m.impl("batch_norm_update_stats", &matterhorn::ops::batch_norm_update_stats_composite);
+}

@@ -1,0 +1,57 @@
+#pragma once
+// Internal pieces of the BatchNorm ops. The input is always the folded [N, C, ...] tensor,
+// N = G * M: statistics are per (group, channel), over the M rows of a group and every spatial
+// position. G = 1 normalises over T, B and space together; G = T is the per-time-step option.
+//
+// Building-block ops (one kernel file per dispatch key, so CUDA kernels slot in beside the CPU ones):
+//   batch_norm_stats(x, G)                        -> mean [G, C], biased var [G, C]
+//   batch_norm_elemt(x, scale, shift, G)          -> x * scale + shift, per (group, channel)
+//   batch_norm_backward_reduce(dy, x, mean, G)    -> sum(dy), sum(dy * (x - mean)) [G, C]
+//   batch_norm_backward_elemt(dy, x, k_dy, k_x, k_shift, G) -> dy * k_dy + x * k_x + k_shift
+//   batch_norm_update_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
+// the differentiable batch_norm_normalize (statistics + affine, autograd in C++), and the layer op
+// batch_norm = checks + fold + batch_norm_normalize + batch_norm_update_stats.
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace matterhorn::ops::detail {
+
+// How a kernel walks the folded input: [G, M, C, S] (NCS, contiguous) or [G, M*S, C] (NSC:
+// channels_last, or no spatial size at all).
+struct BatchNormLayout {
+  int64_t groups = 1;
+  int64_t channels = 0;
+  int64_t rows = 0;   // per group: M for NCS, M * S for NSC
+  int64_t inner = 1;  // S for NCS, 1 for NSC
+  bool channels_last = false;
+  int64_t count() const { return rows * inner; }  // values per (group, channel)
+};
+
+// The layout of `input` (the folded [N, C, ...] tensor) and the tensor to walk: the input itself
+// when contiguous or channels_last, else a contiguous copy.
+std::tuple<at::Tensor, BatchNormLayout> batch_norm_layout(const at::Tensor& input, int64_t groups);
+
+// Checks shared by the building-block ops' kernels (they are also public ops).
+void check_batch_norm_block(const char* op, const at::Tensor& input, int64_t groups);
+
+// Forward of batch_norm_normalize on the folded tensor: (y, mean [G, C], biased var [G, C]);
+// with batch_statistics false the running ones are used (G = 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool batch_statistics, double eps, int64_t groups);
+
+// Backward of batch_norm_normalize on the folded tensors: (grad_input, grad_weight, grad_bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& var, bool batch_statistics, double eps, int64_t groups,
+    std::array<bool, 3> needs);
+
+// [T, B, C, ...] -> [T*B, C, ...] when multi-step, else the input; and back.
+at::Tensor fold_time(const at::Tensor& input, bool multi_step);
+at::Tensor unfold_time(const at::Tensor& output, const at::Tensor& input, bool multi_step);
+
+}  // namespace matterhorn::ops::detail

@@ -1,0 +1,300 @@
+// CPU kernels of the BatchNorm building blocks (see ops/batch_norm.h). Statistics in one pass over
+// the input (per-row moments merged with Chan's formula, or Welford across rows for
+// channels_last), float32 accumulation for float16/bfloat16, no transposes or layout copies for
+// contiguous or channels_last inputs, parallel over (group, channel) or over rows.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "ops/batch_norm.h"
+
+namespace {
+
+using matterhorn::ops::detail::BatchNormLayout;
+using matterhorn::ops::detail::batch_norm_layout;
+using matterhorn::ops::detail::check_batch_norm_block;
+
+constexpr int64_t kRowsPerChunk = 256;     // channels_last reductions: rows per partial result
+constexpr int64_t kElementsPerTask = 32768;  // element-wise kernels: smallest parallel task
+
+// Count, mean and sum of squared deviations, merged with Chan's formula (numerically safe).
+template <typename acc_t>
+struct Moments {
+  acc_t count = 0, mean = 0, m2 = 0;
+  void merge(acc_t n, acc_t other_mean, acc_t other_m2) {
+    if (n == 0) return;
+    const acc_t total = count + n;
+    const acc_t delta = other_mean - mean;
+    mean += delta * n / total;
+    m2 += other_m2 + delta * delta * count * n / total;
+    count = total;
+  }
+};
+
+// A second tensor (dy) walked in the same layout as the input.
+at::Tensor like_layout(const at::Tensor& t, const BatchNormLayout& layout) {
+  return layout.channels_last ? t.movedim(1, -1).contiguous().movedim(-1, 1) : t.contiguous();
+}
+
+int64_t chunks_of(int64_t rows) { return (rows + kRowsPerChunk - 1) / kRowsPerChunk; }
+
+template <typename scalar_t, typename acc_t>
+void stats_kernel(const scalar_t* x, acc_t* mean, acc_t* var, const BatchNormLayout& l) {
+  const int64_t C = l.channels, R = l.rows, S = l.inner;
+  if (!l.channels_last) {  // [G, M, C, S]: each (group, channel) reads M contiguous rows of S
+    at::parallel_for(0, l.groups * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t gc = begin; gc < end; ++gc) {
+        const int64_t g = gc / C, c = gc % C;
+        Moments<acc_t> moments;
+        for (int64_t m = 0; m < R; ++m) {
+          const scalar_t* row = x + ((g * R + m) * C + c) * S;
+          acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t i = 0; i < S; ++i) sum += static_cast<acc_t>(row[i]);
+          const acc_t row_mean = sum / static_cast<acc_t>(S);
+          acc_t m2 = 0;
+#pragma omp simd reduction(+ : m2)
+          for (int64_t i = 0; i < S; ++i) {
+            const acc_t d = static_cast<acc_t>(row[i]) - row_mean;
+            m2 += d * d;
+          }
+          moments.merge(static_cast<acc_t>(S), row_mean, m2);
+        }
+        mean[gc] = moments.mean;
+        var[gc] = moments.m2 / moments.count;
+      }
+    });
+    return;
+  }
+  // [G, R, C]: Welford down chunks of rows, vectorised across channels, then chunks merged in order.
+  const int64_t chunks = chunks_of(R);
+  std::vector<acc_t> chunk_mean(l.groups * chunks * C, 0), chunk_m2(l.groups * chunks * C, 0);
+  at::parallel_for(0, l.groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gk = begin; gk < end; ++gk) {
+      const int64_t g = gk / chunks, first = (gk % chunks) * kRowsPerChunk;
+      const int64_t last = std::min(R, first + kRowsPerChunk);
+      acc_t* cm = chunk_mean.data() + gk * C;
+      acc_t* cm2 = chunk_m2.data() + gk * C;
+      for (int64_t r = first; r < last; ++r) {
+        const scalar_t* row = x + (g * R + r) * C;
+        const acc_t inv_n = acc_t(1) / static_cast<acc_t>(r - first + 1);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t value = static_cast<acc_t>(row[c]);
+          const acc_t d = value - cm[c];
+          cm[c] += d * inv_n;
+          cm2[c] += d * (value - cm[c]);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, l.groups * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gc = begin; gc < end; ++gc) {
+      const int64_t g = gc / C, c = gc % C;
+      Moments<acc_t> moments;
+      for (int64_t k = 0; k < chunks; ++k) {
+        const int64_t n = std::min(R, (k + 1) * kRowsPerChunk) - k * kRowsPerChunk;
+        moments.merge(static_cast<acc_t>(n), chunk_mean[(g * chunks + k) * C + c], chunk_m2[(g * chunks + k) * C + c]);
+      }
+      mean[gc] = moments.mean;
+      var[gc] = moments.m2 / moments.count;
+    }
+  });
+}
+
+// sum(dy) and sum(dy * (x - mean)) per (group, channel).
+template <typename scalar_t, typename acc_t>
+void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* mean, acc_t* sum_dy,
+                            acc_t* sum_dy_xmu, const BatchNormLayout& l) {
+  const int64_t C = l.channels, R = l.rows, S = l.inner;
+  if (!l.channels_last) {
+    at::parallel_for(0, l.groups * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t gc = begin; gc < end; ++gc) {
+        const int64_t g = gc / C, c = gc % C;
+        const acc_t mu = mean[gc];
+        acc_t total_dy = 0, total_dy_xmu = 0;
+        for (int64_t m = 0; m < R; ++m) {
+          const int64_t offset = ((g * R + m) * C + c) * S;
+          acc_t row_dy = 0, row_dy_xmu = 0;
+#pragma omp simd reduction(+ : row_dy, row_dy_xmu)
+          for (int64_t i = 0; i < S; ++i) {
+            const acc_t d = static_cast<acc_t>(dy[offset + i]);
+            row_dy += d;
+            row_dy_xmu += d * (static_cast<acc_t>(x[offset + i]) - mu);
+          }
+          total_dy += row_dy;
+          total_dy_xmu += row_dy_xmu;
+        }
+        sum_dy[gc] = total_dy;
+        sum_dy_xmu[gc] = total_dy_xmu;
+      }
+    });
+    return;
+  }
+  const int64_t chunks = chunks_of(R);
+  std::vector<acc_t> part_dy(l.groups * chunks * C, 0), part_dy_xmu(l.groups * chunks * C, 0);
+  at::parallel_for(0, l.groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gk = begin; gk < end; ++gk) {
+      const int64_t g = gk / chunks, first = (gk % chunks) * kRowsPerChunk;
+      const int64_t last = std::min(R, first + kRowsPerChunk);
+      acc_t* pd = part_dy.data() + gk * C;
+      acc_t* pdx = part_dy_xmu.data() + gk * C;
+      const acc_t* mu = mean + g * C;
+      for (int64_t r = first; r < last; ++r) {
+        const int64_t offset = (g * R + r) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = static_cast<acc_t>(dy[offset + c]);
+          pd[c] += d;
+          pdx[c] += d * (static_cast<acc_t>(x[offset + c]) - mu[c]);
+        }
+      }
+    }
+  });
+  for (int64_t g = 0; g < l.groups; ++g) {
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t total_dy = 0, total_dy_xmu = 0;
+      for (int64_t k = 0; k < chunks; ++k) {
+        total_dy += part_dy[(g * chunks + k) * C + c];
+        total_dy_xmu += part_dy_xmu[(g * chunks + k) * C + c];
+      }
+      sum_dy[g * C + c] = total_dy;
+      sum_dy_xmu[g * C + c] = total_dy_xmu;
+    }
+  }
+}
+
+// out = a * ka + b * kb + k0 with per-(group, channel) constants; b is optional (kb unused then).
+template <typename scalar_t, typename acc_t, bool kTwoInputs>
+void channel_affine_kernel(scalar_t* out, const scalar_t* a, const acc_t* ka, const scalar_t* b, const acc_t* kb,
+                           const acc_t* k0, const BatchNormLayout& l) {
+  const int64_t C = l.channels, R = l.rows, S = l.inner;
+  if (!l.channels_last) {
+    const int64_t rows = l.groups * R * C;  // rows of S elements
+    at::parallel_for(0, rows, std::max<int64_t>(1, kElementsPerTask / S), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t gc = (row / (R * C)) * C + row % C;
+        const acc_t fa = ka[gc], f0 = k0[gc];
+        const acc_t fb = kTwoInputs ? kb[gc] : acc_t(0);
+        const int64_t offset = row * S;
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) {
+          acc_t value = static_cast<acc_t>(a[offset + i]) * fa + f0;
+          if constexpr (kTwoInputs) value += static_cast<acc_t>(b[offset + i]) * fb;
+          out[offset + i] = static_cast<scalar_t>(value);
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, l.groups * R, std::max<int64_t>(1, kElementsPerTask / C), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t g = row / R, offset = row * C;
+      const acc_t* fa = ka + g * C;
+      const acc_t* f0 = k0 + g * C;
+      const acc_t* fb = kTwoInputs ? kb + g * C : nullptr;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t value = static_cast<acc_t>(a[offset + c]) * fa[c] + f0[c];
+        if constexpr (kTwoInputs) value += static_cast<acc_t>(b[offset + c]) * fb[c];
+        out[offset + c] = static_cast<scalar_t>(value);
+      }
+    }
+  });
+}
+
+// Per-(group, channel) constants as contiguous [G, C] tensors of the accumulation type.
+at::Tensor constants(const at::Tensor& t, const at::Tensor& input, const BatchNormLayout& l, const char* op,
+                     const char* name) {
+  TORCH_CHECK_VALUE(
+      t.numel() == l.groups * l.channels, op, ": ", name, " must hold groups x channels = ", l.groups, " x ",
+      l.channels, " values, got ", t.sizes());
+  return t.to(at::toOpMathType(input.scalar_type())).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& input, int64_t groups) {
+  check_batch_norm_block("batch_norm_stats", input, groups);
+  at::Tensor x;
+  BatchNormLayout layout;
+  std::tie(x, layout) = batch_norm_layout(input, groups);
+  const auto options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  at::Tensor mean = at::empty({groups, layout.channels}, options);
+  at::Tensor var = at::empty({groups, layout.channels}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stats_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), layout);
+  });
+  return {mean, var};
+}
+
+at::Tensor elemt_cpu(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift, int64_t groups) {
+  check_batch_norm_block("batch_norm_elemt", input, groups);
+  at::Tensor x;
+  BatchNormLayout layout;
+  std::tie(x, layout) = batch_norm_layout(input, groups);
+  const at::Tensor k = constants(scale, input, layout, "batch_norm_elemt", "scale");
+  const at::Tensor k0 = constants(shift, input, layout, "batch_norm_elemt", "shift");
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_elemt", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    channel_affine_kernel<scalar_t, acc_t, false>(
+        out.data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), k.const_data_ptr<acc_t>(), nullptr, nullptr,
+        k0.const_data_ptr<acc_t>(), layout);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, int64_t groups) {
+  check_batch_norm_block("batch_norm_backward_reduce", input, groups);
+  at::Tensor x;
+  BatchNormLayout layout;
+  std::tie(x, layout) = batch_norm_layout(input, groups);
+  const at::Tensor dy = like_layout(grad_output, layout);
+  const at::Tensor mu = constants(mean, input, layout, "batch_norm_backward_reduce", "mean");
+  at::Tensor sum_dy = at::empty({groups, layout.channels}, mu.options());
+  at::Tensor sum_dy_xmu = at::empty({groups, layout.channels}, mu.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_reduce_kernel<scalar_t, acc_t>(
+        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mu.const_data_ptr<acc_t>(),
+        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), layout);
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+at::Tensor backward_elemt_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& k_dy, const at::Tensor& k_x,
+    const at::Tensor& k_shift, int64_t groups) {
+  check_batch_norm_block("batch_norm_backward_elemt", input, groups);
+  at::Tensor x;
+  BatchNormLayout layout;
+  std::tie(x, layout) = batch_norm_layout(input, groups);
+  const at::Tensor dy = like_layout(grad_output, layout);
+  const at::Tensor a = constants(k_dy, input, layout, "batch_norm_backward_elemt", "k_dy");
+  const at::Tensor b = constants(k_x, input, layout, "batch_norm_backward_elemt", "k_x");
+  const at::Tensor c = constants(k_shift, input, layout, "batch_norm_backward_elemt", "k_shift");
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward_elemt", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    channel_affine_kernel<scalar_t, acc_t, true>(
+        out.data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), a.const_data_ptr<acc_t>(),
+        x.const_data_ptr<scalar_t>(), b.const_data_ptr<acc_t>(), c.const_data_ptr<acc_t>(), layout);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(matterhorn, CPU, m) {
+  m.impl("batch_norm_stats", &stats_cpu);
+  m.impl("batch_norm_elemt", &elemt_cpu);
+  m.impl("batch_norm_backward_reduce", &backward_reduce_cpu);
+  m.impl("batch_norm_backward_elemt", &backward_elemt_cpu);
+}
