@@ -3,6 +3,7 @@
 #include "matterhorn/ops/linear.h"
 #include "matterhorn/ops/batch_norm.h"
 #include "matterhorn/ops/conv.h"
+#include "matterhorn/ops/layer_norm.h"
 #include "matterhorn/snn/conv.h"
 #include "matterhorn/snn/linear.h"
 #include "matterhorn/snn/step_mode.h"

@@ -3,15 +3,19 @@
 from . import skeleton, synapse
 from .skeleton import Module
 from .synapse import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
     Conv1d,
     Conv2d,
     Conv3d,
     ConvTranspose1d,
     ConvTranspose2d,
     ConvTranspose3d,
+    LayerNorm,
     Linear,
     Synapse,
 )
 
 __all__ = ["Module", "Synapse", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-           "ConvTranspose3d", "skeleton", "synapse"]
+           "ConvTranspose3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "skeleton", "synapse"]

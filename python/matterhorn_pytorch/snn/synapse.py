@@ -87,12 +87,13 @@ def _check_sizes(layer: str, arguments: dict, names_and_minimums) -> None:
             raise ValueError(f"{layer}: {name} must be an integer (or a tuple of them) >= {minimum}, got {value!r}")
 
 
-class _ConvSynapse(Synapse):
-    """Shared by Conv1d/2d/3d and ConvTranspose1d/2d/3d: the torch.nn twin's constructor (the
-    page's signature, positional order and defaults included) plus the keyword-only mode extras."""
+class _TwinSynapse(Synapse):
+    """A synapse that extends a torch.nn layer (its "twin"): the twin's constructor (the page's
+    signature, positional order and defaults included) plus keyword-only extras: the mode ones
+    and the family's ``_EXTRAS``."""
 
-    _SIZES = (("in_channels", 1), ("out_channels", 1), ("kernel_size", 1), ("stride", 1),
-              ("padding", 0), ("dilation", 1), ("groups", 1), ("output_padding", 0))
+    _SIZES: tuple = ()  # (argument, minimum): sizes torch.nn would accept or fail on obscurely
+    _EXTRAS: dict = {}  # family-specific keyword-only arguments and their defaults
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -100,11 +101,14 @@ class _ConvSynapse(Synapse):
             return
         # inspect.signature(mth.snn.Conv2d) shows the twin's parameters and ours.
         twin = inspect.signature(_torch_twin(cls).__init__)
-        extras = [inspect.Parameter("multi_time_step", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[bool]),
-                  inspect.Parameter("batch_first", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)]
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        extras = [inspect.Parameter("multi_time_step", keyword, default=None, annotation=Optional[bool]),
+                  inspect.Parameter("batch_first", keyword, default=False, annotation=bool)]
+        extras += [inspect.Parameter(name, keyword, default=default) for name, default in cls._EXTRAS.items()]
         cls.__signature__ = twin.replace(parameters=list(twin.parameters.values())[1:] + extras)
 
     def __init__(self, *args, multi_time_step: Optional[bool] = None, batch_first: bool = False, **kwargs) -> None:
+        extras = {name: kwargs.pop(name, default) for name, default in self._EXTRAS.items()}
         twin = _torch_twin(type(self))
         arguments = inspect.signature(twin.__init__).bind(self, *args, **kwargs).arguments
         _check_sizes(type(self).__name__, arguments, self._SIZES)
@@ -113,6 +117,18 @@ class _ConvSynapse(Synapse):
         except ValueError as error:  # torch.nn's argument checks, prefixed with the layer
             raise ValueError(f"{type(self).__name__}: {error}") from None
         self._init_step_mode(multi_time_step, batch_first)
+        for name, value in extras.items():
+            setattr(self, name, value)
+
+
+class _ConvSynapse(_TwinSynapse):
+    """Shared by Conv1d/2d/3d and ConvTranspose1d/2d/3d."""
+
+    _SIZES = (("in_channels", 1), ("out_channels", 1), ("kernel_size", 1), ("stride", 1),
+              ("padding", 0), ("dilation", 1), ("groups", 1), ("output_padding", 0))
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         # Explicit padding for the op: N values (both sides) or (before, after) pairs for 'same'.
         if self.padding == "same":
             self.explicit_padding: List[int] = _C.same_padding(list(self.kernel_size), list(self.dilation))
@@ -180,4 +196,88 @@ class ConvTranspose3d(_ConvTransposeNd, nn.ConvTranspose3d):
     """3-D transposed convolution synapse: ``[T, B, C_in, H, W, L] -> [T, B, C_out, ...]``."""
 
 
-__all__ = ["Synapse", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
+class _BatchNorm(_TwinSynapse):
+    """BatchNorm over ``[T, B, C, ...]``: per-channel statistics over T, B and every spatial
+    position (torch.nn's BatchNormNd on the folded ``[T*B, C, ...]`` tensor), running statistics
+    updated once per call. ``per_step=True``: statistics over B and space for each time step,
+    shared affine, running statistics updated once per time step in time order (exactly a loop
+    of torch.nn BatchNormNd calls over t). Single-step input ``[B, C, ...]`` is torch.nn's."""
+
+    _SIZES = (("num_features", 1),)
+    _EXTRAS = {"per_step": False}
+    _DIMS = 0  # spatial dimensions of the torch.nn twin: 1, 2 or 3
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.dims: int = self._DIMS
+        if not isinstance(self.per_step, bool):
+            raise TypeError(f"{type(self).__name__}: per_step must be a bool, got {self.per_step!r}")
+
+    def _input_is_multi_step(self, o: torch.Tensor) -> bool:
+        """BatchNorm2d/3d: the rank tells; BatchNorm1d overrides this (3-D input is ambiguous)."""
+        return o.dim() == self.dims + 3
+
+    def forward_step(self, o: torch.Tensor) -> torch.Tensor:
+        return self.forward(o)
+
+    def forward_steps(self, o: torch.Tensor) -> torch.Tensor:
+        return self.forward(o)
+
+    def forward(self, o: torch.Tensor) -> torch.Tensor:
+        multi_step = self._input_is_multi_step(o)
+        per_step = self.per_step and multi_step
+        time_major = not (per_step and self.batch_first)
+        if not time_major:  # per-step statistics need [T, B, ...]: a copy for batch_first input
+            o = o.transpose(0, 1).contiguous()
+        track = self.training and self.track_running_stats
+        use_running = not self.training or self.track_running_stats
+        output = torch.ops.matterhorn.batch_norm(
+            o, self.weight, self.bias,
+            self.running_mean if use_running else None, self.running_var if use_running else None,
+            self.num_batches_tracked if track else None,
+            self.training, self.momentum, self.eps, self.num_features, self.dims, multi_step, per_step,
+        )
+        return output if time_major else output.transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", per_step=True" if self.per_step else "")
+
+
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
+    """BatchNorm over ``[T, B, C]`` or ``[T, B, C, L]`` (single-step ``[B, C]`` or ``[B, C, L]``).
+    A 3-D input is read by the mode: ``[T, B, C]`` in multi-step, ``[B, C, L]`` in single-step."""
+
+    _DIMS = 1
+
+    def _input_is_multi_step(self, o: torch.Tensor) -> bool:
+        return o.dim() == 4 or (o.dim() == 3 and self.step_mode == "m")
+
+
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
+    """BatchNorm over ``[T, B, C, H, W]`` (single-step ``[B, C, H, W]``)."""
+
+    _DIMS = 2
+
+
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
+    """BatchNorm over ``[T, B, C, H, W, L]`` (single-step ``[B, C, H, W, L]``)."""
+
+    _DIMS = 3
+
+
+class LayerNorm(_TwinSynapse, nn.LayerNorm):
+    """LayerNorm over the trailing ``normalized_shape``: ``[T, B, ..., *shape]`` or
+    ``[B, ..., *shape]``, the same in both modes (one call over every leading position)."""
+
+    def forward_step(self, o: torch.Tensor) -> torch.Tensor:
+        return self.forward(o)
+
+    def forward_steps(self, o: torch.Tensor) -> torch.Tensor:
+        return self.forward(o)
+
+    def forward(self, o: torch.Tensor) -> torch.Tensor:
+        return torch.ops.matterhorn.layer_norm(o, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+__all__ = ["Synapse", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm"]
