@@ -118,8 +118,8 @@ void check_batch_norm_arguments(
   TORCH_CHECK_VALUE(dims >= 1 && dims <= 3, "batch_norm: dims must be 1, 2 or 3, got ", dims);
   const std::string layer = c10::str("BatchNorm", dims, "d");
   TORCH_CHECK_VALUE(
-      rank_accepted(input.dim(), dims, multi_step), layer, " (", multi_step ? "multi" : "single",
-      "-step mode): expected input ", accepted_shapes(dims), "; got a ", input.dim(), "-D tensor ",
+      rank_accepted(input.dim(), dims, multi_step), layer, ": expected input ", accepted_shapes(dims), "; got a ",
+      input.dim(), "-D tensor ",
       input.sym_sizes());
   const int64_t channel_dim = multi_step ? 2 : 1;
   TORCH_CHECK_VALUE(
@@ -160,7 +160,7 @@ std::tuple<at::Tensor, BatchNormLayout> batch_norm_layout(const at::Tensor& inpu
     layout.channels_last = true;
     layout.rows = rows * spatial;
   } else {
-    if (!input.is_contiguous()) walk = input.contiguous();
+    walk = dense(input);
     layout.rows = rows;
     layout.inner = spatial;
   }
@@ -194,14 +194,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_forward(
     TORCH_CHECK_VALUE(
         running_mean.has_value() && running_var.has_value(),
         "batch_norm_normalize: running statistics are needed without batch statistics");
-    mean = running_mean->to(acc).unsqueeze(0);
-    var = running_var->to(acc).unsqueeze(0);
+    // Copies: an op's outputs may not alias its inputs.
+    mean = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true).unsqueeze(0);
+    var = running_var->to(acc, /*non_blocking=*/false, /*copy=*/true).unsqueeze(0);
     groups = 1;
   }
   at::Tensor scale = (var + eps).rsqrt();
-  if (weight.has_value() && weight->defined()) scale = scale * weight->to(acc);
+  if (weight.has_value() && weight->defined()) scale = scale * cast(*weight, acc);
   at::Tensor shift = -mean * scale;
-  if (bias.has_value() && bias->defined()) shift = shift + bias->to(acc);
+  if (bias.has_value() && bias->defined()) shift = shift + cast(*bias, acc);
   return {call_elemt(input, scale, shift, groups), mean, var};
 }
 
@@ -211,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_backward(
     std::array<bool, 3> needs) {
   const bool has_weight = weight.has_value() && weight->defined();
   const at::Tensor invstd = (var + eps).rsqrt();
-  const at::Tensor k_dy = has_weight ? invstd * weight->to(invstd.scalar_type()) : invstd;
+  const at::Tensor k_dy = has_weight ? invstd * cast(*weight, invstd.scalar_type()) : invstd;
   at::Tensor sum_dy, sum_dy_xmu, grad_input, grad_weight, grad_bias;
   if (needs[1] || needs[2] || (needs[0] && batch_statistics)) {
     std::tie(sum_dy, sum_dy_xmu) = call_backward_reduce(grad_output, input, mean, groups);
@@ -227,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_backward(
       grad_input = call_elemt(grad_output, k_dy, at::zeros_like(k_dy), groups);
     }
   }
-  if (needs[1]) grad_weight = (sum_dy_xmu * invstd).sum(0).to(weight->scalar_type());
+  if (needs[1]) grad_weight = cast((sum_dy_xmu * invstd).sum(0), weight->scalar_type());
   if (needs[2]) grad_bias = sum_dy.sum(0);
   return {grad_input, grad_weight, grad_bias};
 }
@@ -250,17 +251,18 @@ void batch_norm_update_stats_composite(
     const at::Tensor& mean, const at::Tensor& var, c10::SymInt count, const at::Tensor& running_mean,
     const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked,
     std::optional<double> momentum) {
+  using detail::cast;
   const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
   const at::Tensor unbiased = var * c10::Scalar(count) / c10::Scalar(count - 1);
   for (const auto g : c10::irange(mean.size(0))) {
     if (tracked) num_batches_tracked->add_(1);
     if (momentum.has_value()) {
-      running_mean.lerp_(mean[g].to(running_mean.scalar_type()), *momentum);
-      running_var.lerp_(unbiased[g].to(running_var.scalar_type()), *momentum);
+      running_mean.lerp_(cast(mean[g], running_mean.scalar_type()), *momentum);
+      running_var.lerp_(cast(unbiased[g], running_var.scalar_type()), *momentum);
     } else if (tracked) {  // cumulative moving average: factor 1 / num_batches_tracked
-      const at::Tensor factor = num_batches_tracked->reciprocal().to(running_mean.scalar_type());
-      running_mean.lerp_(mean[g].to(running_mean.scalar_type()), factor);
-      running_var.lerp_(unbiased[g].to(running_var.scalar_type()), factor);
+      const at::Tensor factor = cast(num_batches_tracked->reciprocal(), running_mean.scalar_type());
+      running_mean.lerp_(cast(mean[g], running_mean.scalar_type()), factor);
+      running_var.lerp_(cast(unbiased[g], running_var.scalar_type()), factor);
     }
   }
 }

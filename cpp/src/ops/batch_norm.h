@@ -19,6 +19,13 @@
 
 namespace matterhorn::ops::detail {
 
+// Conversions that call no op when nothing changes: a kernel below autograd must not hand back
+// its input as a new result (aten::to and aten::contiguous would return it as is).
+inline at::Tensor cast(const at::Tensor& t, at::ScalarType type) {
+  return t.scalar_type() == type ? t : t.to(type);
+}
+inline at::Tensor dense(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
 // How a kernel walks the folded input: [G, M, C, S] (NCS, contiguous) or [G, M*S, C] (NSC:
 // channels_last, or no spatial size at all).
 struct BatchNormLayout {

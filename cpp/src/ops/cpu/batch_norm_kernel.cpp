@@ -17,6 +17,8 @@
 namespace {
 
 using matterhorn::ops::detail::BatchNormLayout;
+using matterhorn::ops::detail::cast;
+using matterhorn::ops::detail::dense;
 using matterhorn::ops::detail::batch_norm_layout;
 using matterhorn::ops::detail::check_batch_norm_block;
 
@@ -39,7 +41,7 @@ struct Moments {
 
 // A second tensor (dy) walked in the same layout as the input.
 at::Tensor like_layout(const at::Tensor& t, const BatchNormLayout& layout) {
-  return layout.channels_last ? t.movedim(1, -1).contiguous().movedim(-1, 1) : t.contiguous();
+  return layout.channels_last ? dense(t.movedim(1, -1)).movedim(-1, 1) : dense(t);
 }
 
 int64_t chunks_of(int64_t rows) { return (rows + kRowsPerChunk - 1) / kRowsPerChunk; }
@@ -215,7 +217,7 @@ at::Tensor constants(const at::Tensor& t, const at::Tensor& input, const BatchNo
   TORCH_CHECK_VALUE(
       t.numel() == l.groups * l.channels, op, ": ", name, " must hold groups x channels = ", l.groups, " x ",
       l.channels, " values, got ", t.sizes());
-  return t.to(at::toOpMathType(input.scalar_type())).contiguous();
+  return dense(cast(t, at::toOpMathType(input.scalar_type())));
 }
 
 std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& input, int64_t groups) {

@@ -1,0 +1,252 @@
+"""BatchNorm and LayerNorm against torch.nn on the folded tensor, and the normalization ops."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import matterhorn_pytorch as mth
+
+# (class name, input size after [T, B] / [B]: C first, memory formats to try)
+BN_SHAPES = [
+    ("BatchNorm1d", (5,), ["contiguous"]),
+    ("BatchNorm1d", (5, 7), ["contiguous", "channels_last"]),
+    ("BatchNorm2d", (4, 5, 6), ["contiguous", "channels_last"]),
+    ("BatchNorm3d", (3, 4, 3, 5), ["contiguous", "channels_last"]),
+]
+OPTIONS = {
+    "default": dict(),
+    "momentum=None": dict(momentum=None),
+    "affine=False": dict(affine=False),
+    "bias=False": dict(bias=False),
+    "no running stats": dict(track_running_stats=False),
+    "eps,momentum": dict(eps=1e-3, momentum=0.3),
+}
+
+
+def make_input(leading, size, layout, dtype):
+    """[*leading, C, ...] with the channels innermost in memory for "channels_last"."""
+    if layout == "channels_last":
+        return torch.randn(*leading, *size[1:], size[0], dtype=dtype).movedim(-1, len(leading))
+    return torch.randn(*leading, *size, dtype=dtype)
+
+
+def twins(name, kwargs, dtype, **extras):
+    ours = getattr(mth.snn, name)(size_c := 0 or kwargs.pop("num_features"), **kwargs, dtype=dtype, **extras)
+    reference = getattr(nn, name)(size_c, **kwargs, dtype=dtype)
+    if ours.weight is not None:
+        with torch.no_grad():  # non-trivial affine so that its gradients matter
+            ours.weight.uniform_(0.5, 1.5)
+            if ours.bias is not None:
+                ours.bias.uniform_(-0.5, 0.5)
+    reference.load_state_dict(ours.state_dict())
+    return ours, reference
+
+
+def assert_same_state(ours, reference):
+    for (name, a), (_, b) in zip(ours.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+    for (name, a), (_, b) in zip(ours.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=lambda m: f"{name}.grad: {m}")
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: f"{s[0]}-{len(s[1])}d")
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["multi-step", "single-step", "batch_first"])
+def test_batch_norm_equals_torch_on_the_folded_tensor(shape, option, dtype, mode):
+    name, size, layouts = shape
+    T, B = 3, 4
+    ours, reference = twins(name, dict(num_features=size[0], **OPTIONS[option]), dtype,
+                            batch_first=mode == "batch_first")
+    if mode == "single-step":
+        ours.single_step_mode_()
+    for step, layout in enumerate(layouts * 2):  # several training steps, every layout
+        leading = (B,) if mode == "single-step" else (B, T) if mode == "batch_first" else (T, B)
+        x = make_input(leading, size, layout, dtype).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        y = ours(x)
+        y_ref = reference(x_ref) if mode == "single-step" else reference(x_ref.flatten(0, 1)).unflatten(0, leading)
+        torch.testing.assert_close(y, y_ref)
+        if layout == "channels_last" and len(size) > 1:
+            assert y.movedim(len(leading), -1).is_contiguous()  # the layout is kept
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        y_ref.backward(grad)
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        assert_same_state(ours, reference)
+    ours.eval(), reference.eval()
+    x = make_input((B,) if mode == "single-step" else (T, B), size, "contiguous", dtype)
+    if mode == "batch_first":
+        x = x.transpose(0, 1)
+    expected = reference(x) if mode == "single-step" else reference(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+    torch.testing.assert_close(ours(x), expected)
+
+
+@pytest.mark.parametrize("name,size", [("BatchNorm1d", (3,)), ("BatchNorm2d", (3, 4, 5)), ("BatchNorm3d", (2, 3, 2, 2))])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_per_step_equals_a_loop_of_torch_batch_norm_over_t(name, size, momentum, batch_first):
+    T, B = 4, 3
+    ours, reference = twins(name, dict(num_features=size[0], momentum=momentum), torch.float64,
+                            per_step=True, batch_first=batch_first)
+    assert "per_step=True" in repr(ours)
+    for _ in range(2):
+        x = torch.randn(T, B, *size, dtype=torch.float64, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        y = ours(x.transpose(0, 1)).transpose(0, 1) if batch_first else ours(x)
+        y_ref = torch.stack([reference(x_ref[t]) for t in range(T)])  # T calls: T running-stat updates
+        torch.testing.assert_close(y, y_ref)
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        y_ref.backward(grad)
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        assert_same_state(ours, reference)
+    assert int(ours.num_batches_tracked) == 2 * T
+    ours.eval(), reference.eval()
+    x = torch.randn(T, B, *size, dtype=torch.float64)
+    torch.testing.assert_close(ours(x.transpose(0, 1)).transpose(0, 1) if batch_first else ours(x),
+                               torch.stack([reference(x[t]) for t in range(T)]))
+
+
+def test_batch_norm_bfloat16_input_with_float32_parameters():
+    ours = mth.snn.BatchNorm2d(4)
+    reference = nn.BatchNorm2d(4)
+    x = torch.randn(2, 3, 4, 5, 5)
+    y = ours(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference(x.flatten(0, 1)).unflatten(0, (2, 3)), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.running_var, reference.running_var, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_gradcheck_float64_and_a_clear_double_backward_error(per_step, affine):
+    layer = mth.snn.BatchNorm2d(2, dtype=torch.float64, per_step=per_step, affine=affine)
+    x = torch.randn(3, 2, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    params = {k: v.detach().clone().requires_grad_() for k, v in layer.named_parameters()}
+
+    def run(x, *values):
+        return torch.func.functional_call(layer, dict(zip(params, values)), (x,))
+
+    assert torch.autograd.gradcheck(run, (x, *params.values()))
+    layer.eval()  # eval: running statistics, another backward path
+    assert torch.autograd.gradcheck(run, (x, *params.values()))
+    layer.train()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.gradgradcheck(run, (x, *params.values()))
+
+
+def batch_norm_sample_inputs():
+    def t(*shape, grad=False, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype, requires_grad=grad)
+
+    C = 3
+    stats = lambda: (torch.zeros(C), torch.ones(C), torch.tensor(0))  # noqa: E731
+    samples = [
+        (torch.ops.matterhorn.batch_norm.default,
+         (t(2, 4, C, 5, 5, grad=True), t(C, grad=True), t(C, grad=True), *stats(), True, 0.1, 1e-5, C, 2, True, False)),
+        (torch.ops.matterhorn.batch_norm.default,
+         (t(2, 4, C, 5, grad=True), None, None, *stats(), True, None, 1e-5, C, 1, True, True)),
+        (torch.ops.matterhorn.batch_norm.default,
+         (t(4, C, 6, grad=True), t(C), t(C), *stats(), False, 0.1, 1e-5, C, 1, False, False)),
+        (torch.ops.matterhorn.batch_norm_normalize.default,
+         (t(8, C, 4, 4, grad=True), t(C, grad=True), t(C, grad=True), None, None, True, 1e-5, 2)),
+        (torch.ops.matterhorn.batch_norm_normalize.default,
+         (t(8, C, grad=True, dtype=torch.float64), t(C, dtype=torch.float64), None,
+          torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64), False, 1e-5, 1)),
+        (torch.ops.matterhorn.batch_norm_stats.default, (t(6, C, 4, 5), 3)),
+        (torch.ops.matterhorn.batch_norm_elemt.default, (t(6, C, 4), t(2, C), t(2, C), 2)),
+        (torch.ops.matterhorn.batch_norm_backward_reduce.default, (t(6, C, 4), t(6, C, 4), t(1, C), 1)),
+        (torch.ops.matterhorn.batch_norm_backward_elemt.default, (t(6, C, 4), t(6, C, 4), t(3, C), t(3, C), t(3, C), 3)),
+        (torch.ops.matterhorn.batch_norm_update_stats.default, (t(2, C), t(2, C).abs(), 10, *stats(), 0.1)),
+        (torch.ops.matterhorn.layer_norm.default, (t(3, 2, 4, 5, grad=True), [4, 5], t(4, 5, grad=True), t(4, 5, grad=True), 1e-5)),
+        (torch.ops.matterhorn.layer_norm.default, (t(3, 2, 6, grad=True), [6], None, None, 1e-5)),
+    ]
+    return samples
+
+
+@pytest.mark.parametrize("sample", batch_norm_sample_inputs(), ids=lambda s: str(s[0]).split(".")[-2])
+def test_opcheck(sample):
+    op, args = sample
+    torch.library.opcheck(op, args)
+
+
+# ---- LayerNorm ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,normalized_shape", [
+    ((6, 10), (10,)),             # [B, F]: the published 2.0.0 fails here
+    ((3, 6, 10), (10,)),          # [T, B, F]
+    ((3, 2, 4, 5, 6), (5, 6)),    # [T, B, C, H, W] over (H, W)
+    ((3, 2, 4, 5, 6), (4, 5, 6)),
+])
+@pytest.mark.parametrize("affine", [dict(), dict(elementwise_affine=False), dict(bias=False)], ids=["affine", "no-affine", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_norm_equals_torch(shape, normalized_shape, affine, dtype):
+    ours = mth.snn.LayerNorm(normalized_shape, **affine, dtype=dtype)
+    reference = nn.LayerNorm(normalized_shape, **affine, dtype=dtype)
+    if ours.weight is not None:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), reference(x_ref)
+    torch.testing.assert_close(y, y_ref)
+    y.backward(torch.ones_like(y) * torch.arange(y.shape[-1], dtype=dtype))
+    y_ref.backward(torch.ones_like(y_ref) * torch.arange(y.shape[-1], dtype=dtype))
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for a, b in zip(ours.parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    ours.single_step_mode_()
+    torch.testing.assert_close(ours(x), y)  # the same in both modes
+
+
+def test_layer_norm_gradcheck():
+    layer = mth.snn.LayerNorm((3, 2), dtype=torch.float64)
+    x = torch.randn(2, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+    assert torch.autograd.gradgradcheck(layer, (x,))
+
+
+# ---- errors in the user's terms ---------------------------------------------------------------
+
+class TestErrors:
+    def test_wrong_channel_count(self):
+        with pytest.raises(ValueError, match=r"BatchNorm2d\(num_features=3\): expected 3 channels at dimension 2 "
+                                             r"\(C in \[T, B, C, H, W\].*got \[2, 4, 4, 5, 5\]"):
+            mth.snn.BatchNorm2d(3)(torch.randn(2, 4, 4, 5, 5))
+
+    def test_wrong_channel_count_single_step(self):
+        with pytest.raises(ValueError, match=r"expected 3 channels at dimension 1.*got \[4, 4, 5, 5\]"):
+            mth.snn.BatchNorm2d(3)(torch.randn(4, 4, 5, 5))
+
+    @pytest.mark.parametrize("name,shape", [("BatchNorm2d", (2, 3, 4)), ("BatchNorm1d", (2, 3, 4, 5, 6)),
+                                            ("BatchNorm3d", (2, 3, 4, 5))])
+    def test_wrong_rank_lists_both_modes(self, name, shape):
+        with pytest.raises(ValueError, match=rf"{name}: expected input .* in multi-step mode.* in "
+                                             rf"single-step mode; got a {len(shape)}-D tensor"):
+            getattr(mth.snn, name)(3)(torch.randn(*shape))
+
+    def test_one_value_per_channel_in_training(self):
+        with pytest.raises(ValueError, match=r"BatchNorm1d: expected more than 1 value per channel in training; "
+                                             r"got input \[1, 1, 3\]"):
+            mth.snn.BatchNorm1d(3)(torch.randn(1, 1, 3))
+        mth.snn.BatchNorm1d(3).eval()(torch.randn(1, 1, 3))  # eval is fine
+
+    def test_one_value_per_channel_and_step_with_per_step(self):
+        with pytest.raises(ValueError, match=r"more than 1 value per channel and time step"):
+            mth.snn.BatchNorm1d(3, per_step=True)(torch.randn(4, 1, 3))
+
+    def test_dtype_mismatch(self):
+        with pytest.raises(TypeError, match=r"BatchNorm2d: the input's dtype torch.float64 does not match the layer's "
+                                            r"weight dtype torch.float32"):
+            mth.snn.BatchNorm2d(3)(torch.randn(2, 2, 3, 4, 4, dtype=torch.float64))
+
+    def test_bad_num_features(self):
+        with pytest.raises(ValueError, match=r"BatchNorm2d: num_features must be .* >= 1, got 0"):
+            mth.snn.BatchNorm2d(0)
+
+    def test_layer_norm_wrong_trailing_shape(self):
+        with pytest.raises(ValueError, match=r"LayerNorm\(normalized_shape=\[5, 6\]\): expected input \[T, B, \.\.\., 5, 6\] "
+                                             r"in multi-step mode or \[B, \.\.\., 5, 6\] in single-step mode; got \[2, 3, 6, 5\]"):
+            mth.snn.LayerNorm((5, 6))(torch.randn(2, 3, 6, 5))
