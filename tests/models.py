@@ -24,3 +24,20 @@ class MixedConvNet(nn.Module):
         b = self.deconv1d(torch.relu(self.conv1d(x.flatten(-2))))  # [T, B, 2, 64]
         c = self.deconv3d(torch.relu(self.conv3d(x.unsqueeze(-1))))  # [T, B, 2, 8, 8, 1]
         return torch.cat([a.flatten(2), b.flatten(2), c.flatten(2)], dim=2)
+
+
+class NormNet(nn.Module):
+    """Conv -> BatchNorm2d -> per-step BatchNorm1d -> LayerNorm -> Linear on [T, B, 2, 6, 6]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = mth.snn.Conv2d(2, 4, 3, padding=1)
+        self.bn2d = mth.snn.BatchNorm2d(4)
+        self.linear1 = mth.snn.Linear(4 * 6 * 6, 8)
+        self.bn1d = mth.snn.BatchNorm1d(8, per_step=True, momentum=None)
+        self.ln = mth.snn.LayerNorm(8)
+        self.linear2 = mth.snn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn2d(self.conv(x))).flatten(2)
+        return self.linear2(self.ln(torch.relu(self.bn1d(self.linear1(h)))))

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import matterhorn_pytorch as mth
-from models import MixedConvNet
+from models import MixedConvNet, NormNet
 
 
 def network():
@@ -15,7 +15,8 @@ def network():
 @pytest.mark.parametrize("make,shapes", [
     (network, [(4, 3, 8), (2, 5, 8)]),
     (MixedConvNet, [(3, 2, 2, 8, 8), (2, 3, 2, 8, 8)]),
-], ids=["linear", "all-six-convs"])
+    (NormNet, [(3, 4, 2, 6, 6), (2, 5, 2, 6, 6)]),
+], ids=["linear", "all-six-convs", "norms"])
 def test_compile_fullgraph_matches_eager_forward_and_backward(make, shapes):
     eager = make()
     compiled_net = make()
@@ -33,6 +34,8 @@ def test_compile_fullgraph_matches_eager_forward_and_backward(make, shapes):
         torch.testing.assert_close(x_compiled.grad, x_eager.grad)
         for p_compiled, p_eager in zip(compiled_net.parameters(), eager.parameters()):
             torch.testing.assert_close(p_compiled.grad, p_eager.grad)
+        for b_compiled, b_eager in zip(compiled_net.buffers(), eager.buffers()):  # running statistics
+            torch.testing.assert_close(b_compiled, b_eager)
         eager.zero_grad(), compiled_net.zero_grad()
 
 

@@ -8,10 +8,18 @@ import torch.nn as nn
 
 import matterhorn_pytorch as mth
 from conftest import run_model_in_cpp
-from models import MixedConvNet
+from models import MixedConvNet, NormNet
 
 # torch 2.13 deprecates TorchScript; it still has to work, so its warning is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+
+def trained(model):
+    """A few training steps, so that the running statistics are not the initial ones."""
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, 2, 6, 6) * 2 + 1)
+    return model
 
 
 def linear_network():
@@ -21,6 +29,7 @@ def linear_network():
 NETWORKS = {
     "linear": (linear_network, (4, 3, 8), (2, 5, 8)),
     "all-six-convs": (lambda: MixedConvNet().eval(), (3, 2, 2, 8, 8), (2, 4, 2, 8, 8)),
+    "norms": (lambda: trained(NormNet()).eval(), (3, 2, 2, 6, 6), (2, 4, 2, 6, 6)),
 }
 
 
