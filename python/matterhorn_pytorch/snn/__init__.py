@@ -15,7 +15,9 @@ from .synapse import (
     LayerNorm,
     Linear,
     Synapse,
+    convert_sync_batchnorm,
 )
 
 __all__ = ["Module", "Synapse", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-           "ConvTranspose3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "skeleton", "synapse"]
+           "ConvTranspose3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "convert_sync_batchnorm",
+           "skeleton", "synapse"]

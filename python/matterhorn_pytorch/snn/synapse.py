@@ -9,6 +9,7 @@ import inspect
 from typing import List, Optional
 
 import torch
+import torch.distributed as distributed
 import torch.nn as nn
 
 from .. import _C
@@ -204,7 +205,8 @@ class _BatchNorm(_TwinSynapse):
     of torch.nn BatchNormNd calls over t). Single-step input ``[B, C, ...]`` is torch.nn's."""
 
     _SIZES = (("num_features", 1),)
-    _EXTRAS = {"per_step": False}
+    # sync: statistics over every process of process_group (None: the default group) in training.
+    _EXTRAS = {"per_step": False, "sync": False, "process_group": None}
     _DIMS = 0  # spatial dimensions of the torch.nn twin: 1, 2 or 3
 
     def __init__(self, *args, **kwargs) -> None:
@@ -231,6 +233,9 @@ class _BatchNorm(_TwinSynapse):
             o = o.transpose(0, 1).contiguous()
         track = self.training and self.track_running_stats
         use_running = not self.training or self.track_running_stats
+        if self.sync and self.training and self._synchronising():
+            output = self._forward_synchronised(o, multi_step, per_step)
+            return output if time_major else output.transpose(0, 1)
         output = torch.ops.matterhorn.batch_norm(
             o, self.weight, self.bias,
             self.running_mean if use_running else None, self.running_var if use_running else None,
@@ -239,8 +244,78 @@ class _BatchNorm(_TwinSynapse):
         )
         return output if time_major else output.transpose(0, 1)
 
+    @torch.jit.unused
+    def _synchronising(self) -> bool:
+        return distributed.is_available() and distributed.is_initialized() and \
+            distributed.get_world_size(self.process_group) > 1
+
+    @torch.jit.unused
+    def _forward_synchronised(self, o: torch.Tensor, multi_step: bool, per_step: bool) -> torch.Tensor:
+        folded = o.flatten(0, 1) if multi_step else o
+        output = _SynchronisedBatchNorm.apply(
+            folded, self.weight, self.bias, self.running_mean, self.running_var,
+            self.num_batches_tracked if self.track_running_stats else None, self.momentum, self.eps,
+            o.shape[0] if per_step else 1, self.process_group,
+        )
+        return output.unflatten(0, o.shape[:2]) if multi_step else output
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", per_step=True" if self.per_step else "")
+        return super().extra_repr() + (", per_step=True" if self.per_step else "") + (", sync=True" if self.sync else "")
+
+
+class _SynchronisedBatchNorm(torch.autograd.Function):
+    """BatchNorm whose statistics cover the whole process group: the local moments are gathered
+    and merged (Chan's formula), the two backward reductions are all-reduced. Any backend, gloo
+    on CPU included. Parameter gradients stay local, as in torch.nn.SyncBatchNorm: DDP (or an
+    all_reduce) sums them across processes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, groups, group):
+        mean, var = torch.ops.matterhorn.batch_norm_stats(x, groups)  # this process: [G, C]
+        accumulate = mean.dtype  # float32, or float64 for float64 input
+        local = torch.stack([torch.full_like(mean, x.numel() // mean.numel()), mean, var]).double()
+        gathered = [torch.empty_like(local) for _ in range(distributed.get_world_size(group))]
+        distributed.all_gather(gathered, local, group=group)
+        counts, means, variances = torch.stack(gathered).unbind(1)  # [processes, G, C] each
+        count = counts.sum(0)
+        mean = (counts * means).sum(0) / count
+        var = (counts * (variances + (means - mean) ** 2)).sum(0) / count
+        mean, var = mean.to(accumulate), var.to(accumulate)
+        if running_mean is not None and running_var is not None:
+            torch.ops.matterhorn.batch_norm_update_stats(
+                mean, var, int(count[0, 0]), running_mean, running_var, num_batches_tracked, momentum)
+        invstd = (var + eps).rsqrt()
+        scale = invstd * weight.to(accumulate) if weight is not None else invstd
+        shift = -mean * scale + (bias.to(accumulate) if bias is not None else 0)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.groups, ctx.group, ctx.count, ctx.has_bias = groups, group, count.to(mean.dtype), bias is not None
+        return torch.ops.matterhorn.batch_norm_elemt(x, scale, shift, groups)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, mean, invstd = ctx.saved_tensors
+        sum_dy, sum_dy_xmu = torch.ops.matterhorn.batch_norm_backward_reduce(grad_output, x, mean, ctx.groups)
+        grad_weight = (sum_dy_xmu * invstd).sum(0).to(weight.dtype) if weight is not None else None
+        grad_bias = sum_dy.sum(0).to(weight.dtype) if ctx.has_bias else None
+        sums = torch.stack([sum_dy, sum_dy_xmu])
+        distributed.all_reduce(sums, group=ctx.group)
+        sum_dy, sum_dy_xmu = sums.unbind(0)
+        # the coefficients of normalize_backward (ops/batch_norm.cpp), with the group's count
+        k_dy = invstd * weight.to(invstd.dtype) if weight is not None else invstd
+        k_x = -k_dy * invstd * invstd * sum_dy_xmu / ctx.count
+        k_shift = -k_dy * sum_dy / ctx.count - mean * k_x
+        grad_input = torch.ops.matterhorn.batch_norm_backward_elemt(grad_output, x, k_dy, k_x, k_shift, ctx.groups)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Make every matterhorn BatchNorm in ``module`` synchronise its statistics across the
+    processes of ``process_group`` (None: the default group) in training. Returns ``module``."""
+    for child in module.modules():
+        if isinstance(child, _BatchNorm):
+            child.sync = True
+            child.process_group = process_group
+    return module
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
@@ -280,4 +355,4 @@ class LayerNorm(_TwinSynapse, nn.LayerNorm):
 
 
 __all__ = ["Synapse", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm"]
+           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "convert_sync_batchnorm"]
