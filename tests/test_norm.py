@@ -144,11 +144,11 @@ def batch_norm_sample_inputs():
     stats = lambda: (torch.zeros(C), torch.ones(C), torch.tensor(0))  # noqa: E731
     samples = [
         (torch.ops.matterhorn.batch_norm.default,
-         (t(2, 4, C, 5, 5, grad=True), t(C, grad=True), t(C, grad=True), *stats(), True, 0.1, 1e-5, C, 2, True, False)),
+         (t(2, 4, C, 5, 5, grad=True), t(C, grad=True), t(C, grad=True), *stats(), True, 0.1, 1e-5, C, 2, True, False, False)),
         (torch.ops.matterhorn.batch_norm.default,
-         (t(2, 4, C, 5, grad=True), None, None, *stats(), True, None, 1e-5, C, 1, True, True)),
+         (t(2, 4, C, 5, grad=True), None, None, *stats(), True, None, 1e-5, C, 1, True, True, True)),
         (torch.ops.matterhorn.batch_norm.default,
-         (t(4, C, 6, grad=True), t(C), t(C), *stats(), False, 0.1, 1e-5, C, 1, False, False)),
+         (t(4, C, 6, grad=True), t(C), t(C), *stats(), False, 0.1, 1e-5, C, 1, False, False, False)),
         (torch.ops.matterhorn.batch_norm_normalize.default,
          (t(8, C, 4, 4, grad=True), t(C, grad=True), t(C, grad=True), None, None, True, 1e-5, 2)),
         (torch.ops.matterhorn.batch_norm_normalize.default,

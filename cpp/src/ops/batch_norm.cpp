@@ -88,6 +88,11 @@ std::string accepted_shapes(int64_t dims) {
   }
 }
 
+// The rank tells single- from multi-step, except BatchNorm1d's 3-D input, which the mode decides.
+bool input_is_multi_step(int64_t rank, int64_t dims, bool multi_step_mode) {
+  return dims == 1 ? rank == 4 || (rank == 3 && multi_step_mode) : rank == dims + 3;
+}
+
 bool rank_accepted(int64_t rank, int64_t dims, bool multi_step) {
   const int64_t leading = multi_step ? 2 : 1;
   return dims == 1 ? (rank == leading + 1 || rank == leading + 2) : rank == leading + 1 + dims;
@@ -114,7 +119,7 @@ void check_parameter(const std::string& layer, const at::Tensor& input, const st
 void check_batch_norm_arguments(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
-    int64_t num_features, int64_t dims, bool multi_step, bool per_step) {
+    int64_t num_features, int64_t dims, bool multi_step, bool per_step, bool batch_first) {
   TORCH_CHECK_VALUE(dims >= 1 && dims <= 3, "batch_norm: dims must be 1, 2 or 3, got ", dims);
   const std::string layer = c10::str("BatchNorm", dims, "d");
   TORCH_CHECK_VALUE(
@@ -137,7 +142,7 @@ void check_batch_norm_arguments(
   if (training || batch_statistics) {
     // Values per channel (per time step with per_step) must be more than one.
     c10::SymInt count = input.sym_numel() / num_features;
-    if (per_step && multi_step) count = count / input.sym_size(0);
+    if (per_step && multi_step) count = count / input.sym_size(batch_first ? 1 : 0);
     TORCH_CHECK_VALUE(
         count > 1, layer, ": expected more than 1 value per channel", per_step ? " and time step" : "",
         " in training; got input ", input.sym_sizes());
@@ -272,13 +277,18 @@ at::Tensor batch_norm_composite(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, bool training, std::optional<double> momentum,
-    double eps, int64_t num_features, int64_t dims, bool multi_step, bool per_step) {
+    double eps, int64_t num_features, int64_t dims, bool multi_step_mode, bool per_step, bool batch_first) {
+  const bool multi_step = detail::input_is_multi_step(input.dim(), dims, multi_step_mode);
   detail::check_batch_norm_arguments(
-      input, weight, bias, running_mean, running_var, training, num_features, dims, multi_step, per_step);
+      input, weight, bias, running_mean, running_var, training, num_features, dims, multi_step, per_step, batch_first);
   const bool has_running = running_mean.has_value() && running_mean->defined();
   const bool batch_statistics = training || !has_running;
-  const int64_t groups = per_step && multi_step && batch_statistics ? input.size(0) : 1;
-  const at::Tensor folded = detail::fold_time(input, multi_step);
+  const bool per_step_statistics = per_step && multi_step && batch_statistics;
+  // Per-step statistics group the folded rows by t: [B, T, ...] input is made time-major (a copy).
+  const bool time_major = !(per_step_statistics && batch_first);
+  const at::Tensor steps = time_major ? input : input.transpose(0, 1).contiguous();
+  const int64_t groups = per_step_statistics ? steps.size(0) : 1;
+  const at::Tensor folded = detail::fold_time(steps, multi_step);
   at::Tensor mean, var;
   const at::Tensor output = detail::call_normalize_first(
       folded, weight, bias, running_mean, running_var, batch_statistics, eps, groups, mean, var);
@@ -287,7 +297,8 @@ at::Tensor batch_norm_composite(
         mean, var, folded.sym_numel() / mean.sym_numel(), *running_mean, *running_var, num_batches_tracked,
         momentum);
   }
-  return detail::unfold_time(output, input, multi_step);
+  const at::Tensor unfolded = detail::unfold_time(output, steps, multi_step);
+  return time_major ? unfolded : unfolded.transpose(0, 1).contiguous();
 }
 
 }  // namespace
@@ -296,13 +307,13 @@ at::Tensor batch_norm(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, bool training, std::optional<double> momentum,
-    double eps, int64_t num_features, int64_t dims, bool multi_step, bool per_step) {
+    double eps, int64_t num_features, int64_t dims, bool multi_step_mode, bool per_step, bool batch_first) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("matterhorn::batch_norm", "")
           .typed<decltype(batch_norm_composite)>();
   return op.call(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
-                 num_features, dims, multi_step, per_step);
+                 num_features, dims, multi_step_mode, per_step, batch_first);
 }
 
 }  // namespace matterhorn::ops
@@ -311,7 +322,8 @@ TORCH_LIBRARY_FRAGMENT(matterhorn, m) {
   m.def(
       "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, float? momentum, "
-      "float eps, int num_features, int dims, bool multi_step, bool per_step=False) -> Tensor");
+      "float eps, int num_features, int dims, bool multi_step_mode, bool per_step=False, bool batch_first=False) "
+      "-> Tensor");
   m.def(
       "batch_norm_normalize(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
       "Tensor? running_var, bool batch_statistics, float eps, int groups) -> (Tensor, Tensor, Tensor)");

@@ -215,10 +215,6 @@ class _BatchNorm(_TwinSynapse):
         if not isinstance(self.per_step, bool):
             raise TypeError(f"{type(self).__name__}: per_step must be a bool, got {self.per_step!r}")
 
-    def _input_is_multi_step(self, o: torch.Tensor) -> bool:
-        """BatchNorm2d/3d: the rank tells; BatchNorm1d overrides this (3-D input is ambiguous)."""
-        return o.dim() == self.dims + 3
-
     def forward_step(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
 
@@ -226,23 +222,17 @@ class _BatchNorm(_TwinSynapse):
         return self.forward(o)
 
     def forward(self, o: torch.Tensor) -> torch.Tensor:
-        multi_step = self._input_is_multi_step(o)
-        per_step = self.per_step and multi_step
-        time_major = not (per_step and self.batch_first)
-        if not time_major:  # per-step statistics need [T, B, ...]: a copy for batch_first input
-            o = o.transpose(0, 1).contiguous()
+        if self.sync and self.training and self._synchronising():
+            return self._forward_synchronised(o)
         track = self.training and self.track_running_stats
         use_running = not self.training or self.track_running_stats
-        if self.sync and self.training and self._synchronising():
-            output = self._forward_synchronised(o, multi_step, per_step)
-            return output if time_major else output.transpose(0, 1)
-        output = torch.ops.matterhorn.batch_norm(
+        return torch.ops.matterhorn.batch_norm(
             o, self.weight, self.bias,
             self.running_mean if use_running else None, self.running_var if use_running else None,
             self.num_batches_tracked if track else None,
-            self.training, self.momentum, self.eps, self.num_features, self.dims, multi_step, per_step,
+            self.training, self.momentum, self.eps, self.num_features, self.dims, self.step_mode == "m",
+            self.per_step, self.batch_first,
         )
-        return output if time_major else output.transpose(0, 1)
 
     @torch.jit.unused
     def _synchronising(self) -> bool:
@@ -250,14 +240,18 @@ class _BatchNorm(_TwinSynapse):
             distributed.get_world_size(self.process_group) > 1
 
     @torch.jit.unused
-    def _forward_synchronised(self, o: torch.Tensor, multi_step: bool, per_step: bool) -> torch.Tensor:
-        folded = o.flatten(0, 1) if multi_step else o
+    def _forward_synchronised(self, o: torch.Tensor) -> torch.Tensor:
+        multi_step = o.dim() == 4 or (o.dim() == 3 and self.step_mode == "m") if self.dims == 1 else o.dim() == self.dims + 3
+        per_step = self.per_step and multi_step
+        time_major = not (per_step and self.batch_first)
+        steps = o if time_major else o.transpose(0, 1).contiguous()
         output = _SynchronisedBatchNorm.apply(
-            folded, self.weight, self.bias, self.running_mean, self.running_var,
+            steps.flatten(0, 1) if multi_step else steps, self.weight, self.bias, self.running_mean, self.running_var,
             self.num_batches_tracked if self.track_running_stats else None, self.momentum, self.eps,
-            o.shape[0] if per_step else 1, self.process_group,
+            steps.shape[0] if per_step else 1, self.process_group,
         )
-        return output.unflatten(0, o.shape[:2]) if multi_step else output
+        output = output.unflatten(0, steps.shape[:2]) if multi_step else output
+        return output if time_major else output.transpose(0, 1).contiguous()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", per_step=True" if self.per_step else "") + (", sync=True" if self.sync else "")
@@ -323,9 +317,6 @@ class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     A 3-D input is read by the mode: ``[T, B, C]`` in multi-step, ``[B, C, L]`` in single-step."""
 
     _DIMS = 1
-
-    def _input_is_multi_step(self, o: torch.Tensor) -> bool:
-        return o.dim() == 4 or (o.dim() == 3 and self.step_mode == "m")
 
 
 class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):

@@ -1,0 +1,61 @@
+"""Normalization: mth.snn.BatchNorm2d / LayerNorm against torch.nn on the folded tensor,
+forward+backward in training. The cases of ../shared/ANCHORS.md with B scaled down to fit a
+2-core CPU, contiguous (NCHW) and channels_last.
+
+    .venv/bin/python bench/bench_norm.py [--quick]
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+import matterhorn_pytorch as mth  # noqa: E402
+from common import Case, compare, print_table  # noqa: E402
+
+# (label, ours, torch.nn twin, input shape [T, B, ...], channels_last)
+CASES = [
+    ("BatchNorm2d 128ch 32x32, T=4 B=4 (8 MiB)", lambda: mth.snn.BatchNorm2d(128), lambda: nn.BatchNorm2d(128), (4, 4, 128, 32, 32), False),
+    ("  same, channels_last", lambda: mth.snn.BatchNorm2d(128), lambda: nn.BatchNorm2d(128), (4, 4, 128, 32, 32), True),
+    ("BatchNorm2d 64ch 128x128, T=4 B=4 (16 MiB)", lambda: mth.snn.BatchNorm2d(64), lambda: nn.BatchNorm2d(64), (4, 4, 64, 128, 128), False),
+    ("  same, channels_last", lambda: mth.snn.BatchNorm2d(64), lambda: nn.BatchNorm2d(64), (4, 4, 64, 128, 128), True),
+    ("LayerNorm(384), T=4 B=16 N=64", lambda: mth.snn.LayerNorm(384), lambda: nn.LayerNorm(384), (4, 16, 64, 384), False),
+    ("LayerNorm(768), T=4 B=4 N=196", lambda: mth.snn.LayerNorm(768), lambda: nn.LayerNorm(768), (4, 4, 196, 768), False),
+]
+
+
+def norm_case(label, make_ours, make_fold, shape, channels_last):
+    torch.manual_seed(0)
+    ours, fold = make_ours(), make_fold()
+    fold.load_state_dict(ours.state_dict())
+    x = torch.randn(shape)
+    if channels_last:  # [T, B, C, H, W] whose memory is [T, B, H, W, C]
+        x = x.movedim(2, -1).contiguous().movedim(-1, 2)
+    x_ours, x_fold = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn_like(x)
+
+    def train_step(layer, forward, x):
+        def step():
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            forward(x).backward(grad)
+        return step
+
+    return Case(f"{label} fwd+bwd", train_step(ours, ours, x_ours),
+                train_step(fold, lambda x: fold(x.flatten(0, 1)).unflatten(0, x.shape[:2]), x_fold))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (a smoke run)")
+    args = parser.parse_args()
+    rows = compare([norm_case(*case) for case in CASES], rounds=1 if args.quick else 5,
+                   min_run_time=0.1 if args.quick else 1.0)
+    print_table("Normalization, CPU", rows)
+
+
+if __name__ == "__main__":
+    main()
