@@ -39,7 +39,7 @@ def test_cpp_linear_errors_keep_their_python_types():
         cpp_layer.forward(to_dlpack(torch.randn(3, 5)))
     with pytest.raises(TypeError, match="dtype"):
         cpp_layer.forward(to_dlpack(torch.randn(3, 4, dtype=torch.float64)))
-    with pytest.raises(KeyError, match="no parameter named 'gain'"):
+    with pytest.raises(KeyError, match="no parameter or buffer named 'gain'"):
         cpp_layer.load_parameters({"gain": to_dlpack(torch.ones(2))})
 
 
@@ -81,3 +81,52 @@ def test_cpp_conv_repr_and_constructor_errors():
         mth._C.ConvTranspose3d(2, 2, [3], stride=[1, 0, 1])
     with pytest.raises(ValueError, match=r"Conv1d: padding='same' is not supported for strided convolutions"):
         mth._C.Conv1d(2, 2, [3], stride=[2], padding="same")
+
+
+BN_CASES = [
+    ("BatchNorm1d", dict(num_features=3), (4, 2, 3)),
+    ("BatchNorm1d", dict(num_features=3, momentum=None, per_step=True), (4, 2, 3, 5)),
+    ("BatchNorm2d", dict(num_features=3, affine=False), (3, 2, 3, 4, 5)),
+    ("BatchNorm2d", dict(num_features=3, per_step=True, batch_first=True), (2, 3, 3, 4, 5)),
+    ("BatchNorm3d", dict(num_features=2, track_running_stats=False, eps=1e-3), (2, 2, 2, 3, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("case", BN_CASES, ids=lambda c: f"{c[0]}-{'-'.join(map(str, c[1].values()))}")
+def test_cpp_batch_norm_matches_python_in_training_and_eval(case):
+    name, kwargs, shape = case
+    python_layer = getattr(mth.snn, name)(**kwargs)
+    with torch.no_grad():
+        for p in python_layer.parameters():
+            p.uniform_(0.5, 1.5)
+    cpp_layer = cpp_twin(python_layer, getattr(mth._C, name)(**kwargs))
+    for _ in range(3):  # training: batch statistics, running statistics updated
+        x = torch.randn(shape) * 2 + 1
+        torch.testing.assert_close(from_dlpack(cpp_layer.forward(to_dlpack(x))), python_layer(x))
+    for name_, buffer in python_layer.named_buffers():
+        torch.testing.assert_close(from_dlpack(cpp_layer.named_buffers()[name_]), buffer)
+    python_layer.eval(), cpp_layer.train(False)
+    x = torch.randn(shape)
+    torch.testing.assert_close(from_dlpack(cpp_layer.forward(to_dlpack(x))), python_layer(x))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(elementwise_affine=False), dict(bias=False)])
+def test_cpp_layer_norm_matches_python(kwargs):
+    python_layer = mth.snn.LayerNorm((4, 5), **kwargs)
+    with torch.no_grad():
+        for p in python_layer.parameters():
+            p.uniform_(0.5, 1.5)
+    cpp_layer = cpp_twin(python_layer, mth._C.LayerNorm([4, 5], **kwargs))
+    for shape in [(3, 2, 4, 5), (2, 4, 5), (3, 2, 6, 4, 5)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(from_dlpack(cpp_layer.forward(to_dlpack(x))), python_layer(x))
+
+
+def test_cpp_normalization_repr_and_errors():
+    assert repr(mth._C.BatchNorm2d(4, momentum=None, per_step=True)) == (
+        "matterhorn::snn::BatchNorm2d(4, eps=1e-05, momentum=None, affine=true, track_running_stats=true, "
+        "step_mode='m', per_step=true)")
+    with pytest.raises(ValueError, match=r"BatchNorm2d\(num_features=4\): expected 4 channels at dimension 2"):
+        mth._C.BatchNorm2d(4).forward(to_dlpack(torch.randn(2, 3, 5, 4, 4)))
+    with pytest.raises(ValueError, match=r"LayerNorm: normalized_shape must hold sizes >= 1"):
+        mth._C.LayerNorm([4, 0])

@@ -6,5 +6,6 @@
 #include "matterhorn/ops/layer_norm.h"
 #include "matterhorn/snn/conv.h"
 #include "matterhorn/snn/linear.h"
+#include "matterhorn/snn/normalization.h"
 #include "matterhorn/snn/step_mode.h"
 #include "matterhorn/version.h"

@@ -9,6 +9,7 @@
 #include "matterhorn/ops/conv.h"
 #include "matterhorn/snn/conv.h"
 #include "matterhorn/snn/linear.h"
+#include "matterhorn/snn/normalization.h"
 #include "matterhorn/version.h"
 #include "python/dlpack_capsule.h"
 
@@ -17,28 +18,32 @@ namespace py = pybind11;
 namespace matterhorn::python {
 namespace {
 
-// Tensor-valued methods shared by every bound C++ module: parameters in and out, forward.
+template <typename Items>
+py::dict capsules(const Items& items) {
+  py::dict result;
+  for (const auto& item : items) result[py::str(item.key())] = tensor_to_capsule(item.value().detach());
+  return result;
+}
+
+// Tensor-valued methods shared by every bound C++ module: parameters and buffers in and out, forward.
 template <typename ModuleHolder, typename PyClass>
 void bind_module_tensors(PyClass& cls) {
   cls.def("forward", [](ModuleHolder& self, const py::capsule& input) {
        return tensor_to_capsule(self->forward(tensor_from_capsule(input)));
      })
-      .def("named_parameters", [](ModuleHolder& self) {
-        py::dict result;
-        for (const auto& item : self->named_parameters()) {
-          result[py::str(item.key())] = tensor_to_capsule(item.value().detach());
-        }
-        return result;
-      })
+      .def("named_parameters", [](ModuleHolder& self) { return capsules(self->named_parameters()); })
+      .def("named_buffers", [](ModuleHolder& self) { return capsules(self->named_buffers()); })
       .def("load_parameters", [](ModuleHolder& self, const py::dict& tensors) {
-        // Copies each given tensor into the parameter of that name; unknown names are errors.
+        // Copies each given tensor into the parameter or buffer of that name; unknown names are errors.
         const c10::NoGradGuard no_grad;
         auto params = self->named_parameters();
+        auto buffers = self->named_buffers();
         for (const auto& item : tensors) {
           const std::string name = py::cast<std::string>(item.first);
-          at::Tensor* param = params.find(name);
-          if (param == nullptr) throw py::key_error("no parameter named '" + name + "'");
-          param->copy_(tensor_from_capsule(py::reinterpret_borrow<py::capsule>(item.second)));
+          at::Tensor* target = params.find(name);
+          if (target == nullptr) target = buffers.find(name);
+          if (target == nullptr) throw py::key_error("no parameter or buffer named '" + name + "'");
+          target->copy_(tensor_from_capsule(py::reinterpret_borrow<py::capsule>(item.second)));
         }
       })
       .def("train", [](ModuleHolder& self, bool on) { self->train(on); }, py::arg("mode") = true)
@@ -125,6 +130,28 @@ void bind_conv_transpose(py::module_& m, const char* name) {
   });
 }
 
+template <typename Holder>
+void bind_batch_norm(py::module_& m, const char* name) {
+  auto cls = py::class_<Holder>(m, name);
+  cls.def(
+      py::init([](int64_t num_features, double eps, std::optional<double> momentum, bool affine,
+                  bool track_running_stats, bool bias, bool multi_time_step, bool batch_first, bool per_step) {
+        return Holder(snn::BatchNormOptions(num_features)
+                          .eps(eps)
+                          .momentum(momentum)
+                          .affine(affine)
+                          .track_running_stats(track_running_stats)
+                          .bias(bias)
+                          .step_mode(step_mode(multi_time_step))
+                          .batch_first(batch_first)
+                          .per_step(per_step));
+      }),
+      py::arg("num_features"), py::arg("eps") = 1e-5, py::arg("momentum") = 0.1, py::arg("affine") = true,
+      py::arg("track_running_stats") = true, py::kw_only(), py::arg("bias") = true,
+      py::arg("multi_time_step") = true, py::arg("batch_first") = false, py::arg("per_step") = false);
+  bind_module_tensors<Holder>(cls);
+}
+
 }  // namespace
 }  // namespace matterhorn::python
 
@@ -183,4 +210,22 @@ PYBIND11_MODULE(_C, m) {
   python::bind_conv_transpose<snn::ConvTranspose1d, 1>(m, "ConvTranspose1d");
   python::bind_conv_transpose<snn::ConvTranspose2d, 2>(m, "ConvTranspose2d");
   python::bind_conv_transpose<snn::ConvTranspose3d, 3>(m, "ConvTranspose3d");
+
+  python::bind_batch_norm<snn::BatchNorm1d>(m, "BatchNorm1d");
+  python::bind_batch_norm<snn::BatchNorm2d>(m, "BatchNorm2d");
+  python::bind_batch_norm<snn::BatchNorm3d>(m, "BatchNorm3d");
+  auto layer_norm = py::class_<snn::LayerNorm>(m, "LayerNorm");
+  layer_norm.def(
+      py::init([](const std::vector<int64_t>& normalized_shape, double eps, bool elementwise_affine, bool bias,
+                  bool multi_time_step, bool batch_first) {
+        return snn::LayerNorm(snn::LayerNormOptions(normalized_shape)
+                                  .eps(eps)
+                                  .elementwise_affine(elementwise_affine)
+                                  .bias(bias)
+                                  .step_mode(python::step_mode(multi_time_step))
+                                  .batch_first(batch_first));
+      }),
+      py::arg("normalized_shape"), py::arg("eps") = 1e-5, py::arg("elementwise_affine") = true,
+      py::arg("bias") = true, py::kw_only(), py::arg("multi_time_step") = true, py::arg("batch_first") = false);
+  python::bind_module_tensors<snn::LayerNorm>(layer_norm);
 }

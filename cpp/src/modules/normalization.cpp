@@ -1,0 +1,97 @@
+#include "matterhorn/snn/normalization.h"
+
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include "matterhorn/ops/batch_norm.h"
+#include "matterhorn/ops/layer_norm.h"
+
+namespace matterhorn::snn {
+namespace {
+
+std::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+}  // namespace
+
+template <size_t D>
+BatchNormImpl<D>::BatchNormImpl(BatchNormOptions options_) : options(std::move(options_)) {
+  TORCH_CHECK_VALUE(
+      options.num_features() >= 1, "BatchNorm", D, "d: num_features must be >= 1, got ", options.num_features());
+  BatchNormImpl<D>::reset();
+}
+
+template <size_t D>
+void BatchNormImpl<D>::reset() {
+  const int64_t C = options.num_features();
+  weight = options.affine() ? this->register_parameter("weight", at::ones({C}))
+                            : this->register_parameter("weight", {}, /*requires_grad=*/false);
+  bias = options.affine() && options.bias() ? this->register_parameter("bias", at::zeros({C}))
+                                            : this->register_parameter("bias", {}, /*requires_grad=*/false);
+  if (options.track_running_stats()) {
+    running_mean = this->register_buffer("running_mean", at::zeros({C}));
+    running_var = this->register_buffer("running_var", at::ones({C}));
+    num_batches_tracked = this->register_buffer("num_batches_tracked", at::zeros({}, at::kLong));
+  }
+}
+
+template <size_t D>
+void BatchNormImpl<D>::pretty_print(std::ostream& stream) const {
+  stream << "matterhorn::snn::BatchNorm" << D << "d(" << options.num_features() << ", eps=" << options.eps()
+         << ", momentum=";
+  if (options.momentum().has_value()) {
+    stream << *options.momentum();
+  } else {
+    stream << "None";
+  }
+  stream << ", affine=" << std::boolalpha << options.affine() << ", track_running_stats="
+         << options.track_running_stats() << ", step_mode=" << options.step_mode();
+  if (options.per_step()) stream << ", per_step=true";
+  if (options.batch_first()) stream << ", batch_first=true";
+  stream << ")";
+}
+
+template <size_t D>
+at::Tensor BatchNormImpl<D>::forward(const at::Tensor& input) {
+  const bool training = this->is_training();
+  const bool use_running = !training || options.track_running_stats();
+  return ops::batch_norm(
+      input, optional(weight), optional(bias), use_running ? optional(running_mean) : std::nullopt,
+      use_running ? optional(running_var) : std::nullopt,
+      training && options.track_running_stats() ? optional(num_batches_tracked) : std::nullopt, training,
+      options.momentum(), options.eps(), options.num_features(), D, options.step_mode() == StepMode::kMulti,
+      options.per_step(), options.batch_first());
+}
+
+template class BatchNormImpl<1>;
+template class BatchNormImpl<2>;
+template class BatchNormImpl<3>;
+
+LayerNormImpl::LayerNormImpl(LayerNormOptions options_) : options(std::move(options_)) {
+  for (const int64_t size : options.normalized_shape()) {
+    TORCH_CHECK_VALUE(size >= 1, "LayerNorm: normalized_shape must hold sizes >= 1, got ", options.normalized_shape());
+  }
+  LayerNormImpl::reset();
+}
+
+void LayerNormImpl::reset() {
+  const auto& shape = options.normalized_shape();
+  weight = options.elementwise_affine() ? register_parameter("weight", at::ones(shape))
+                                        : register_parameter("weight", {}, /*requires_grad=*/false);
+  bias = options.elementwise_affine() && options.bias() ? register_parameter("bias", at::zeros(shape))
+                                                        : register_parameter("bias", {}, /*requires_grad=*/false);
+}
+
+void LayerNormImpl::pretty_print(std::ostream& stream) const {
+  stream << "matterhorn::snn::LayerNorm(" << c10::IntArrayRef(options.normalized_shape()) << ", eps=" << options.eps()
+         << ", elementwise_affine=" << std::boolalpha << options.elementwise_affine()
+         << ", step_mode=" << options.step_mode() << ")";
+}
+
+at::Tensor LayerNormImpl::forward(const at::Tensor& input) {
+  return ops::layer_norm(input, options.normalized_shape(), optional(weight), optional(bias), options.eps());
+}
+
+}  // namespace matterhorn::snn
