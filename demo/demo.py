@@ -1,9 +1,10 @@
 """The project's main job: spike trains [T, B, ...] through a multi-step SNN of matterhorn layers.
 
 For a fully connected network and a convolutional one:
-1. the multi-step network runs a whole spike train in one call per layer;
-2. the same weights in single-step mode give the same result step by step;
-3. its synapse layers are timed against folded torch.nn (what SpikingJelly does);
+1. a training step is timed against the same network on folded torch.nn (what SpikingJelly does);
+2. the multi-step network runs a whole spike train in one call per layer;
+3. the same weights in single-step mode give the same result step by step (in eval: BatchNorm
+   with running statistics);
 4. it is exported with TorchScript and run by a C++ program (no Python), which prints the
    same numbers.
 
@@ -38,7 +39,9 @@ class LIF(mth.snn.Module):
 
     def step(self, x: torch.Tensor, u: torch.Tensor):
         u = u + (x - u) / self.tau
-        spike = (u >= self.threshold).to(x.dtype)
+        # Heaviside forward, sigmoid-derivative (surrogate) backward, without a custom Function.
+        surrogate = torch.sigmoid(4.0 * (u - self.threshold))
+        spike = surrogate + ((u >= self.threshold).to(x.dtype) - surrogate).detach()
         return spike, u * (1.0 - spike)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,23 +70,32 @@ class Flatten(mth.snn.Module):
 
 
 def mlp():
-    return nn.Sequential(mth.snn.Linear(784, 256), LIF(), mth.snn.Linear(256, 10))
+    return nn.Sequential(mth.snn.Linear(784, 256), mth.snn.LayerNorm(256), LIF(), mth.snn.Linear(256, 10))
 
 
 def convnet():
     return nn.Sequential(
-        mth.snn.Conv2d(2, 8, 3, padding=1), LIF(),
-        mth.snn.Conv2d(8, 16, 3, stride=2, padding=1), LIF(),
+        mth.snn.Conv2d(2, 8, 3, padding=1), mth.snn.BatchNorm2d(8), LIF(),
+        mth.snn.Conv2d(8, 16, 3, stride=2, padding=1), mth.snn.BatchNorm2d(16), LIF(),
         Flatten(), mth.snn.Linear(16 * 16 * 16, 10),
     )
 
 
-# name, network, input size per step, its layers 0 and 2 as torch.nn (for the timing)
-NETWORKS = [
-    ("mlp", mlp, (784,), lambda: nn.Sequential(nn.Linear(784, 256), nn.Linear(256, 10))),
-    ("conv", convnet, (2, 32, 32), lambda: nn.Sequential(nn.Conv2d(2, 8, 3, padding=1),
-                                                         nn.Conv2d(8, 16, 3, stride=2, padding=1))),
-]
+# name, network, input size per step
+NETWORKS = [("mlp", mlp, (784,)), ("conv", convnet, (2, 32, 32))]
+
+
+class Folded(nn.Module):
+    """What SpikingJelly's multi-step layers do: a matterhorn layer's torch.nn twin (same
+    parameters and buffers: it is the same object) on the folded [T*B, ...] tensor."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.twin = next(base for base in type(layer).__mro__ if base.__module__.startswith("torch.nn."))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.twin.forward(self.layer, x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
 
 def summary(output: torch.Tensor, who: str) -> str:
@@ -93,37 +105,37 @@ def summary(output: torch.Tensor, who: str) -> str:
     return f"matterhorn {mth.__version__} {who}: output {list(output.shape)} sum={flat.sum():.6f} first=[{first}]"
 
 
-def time_synapses(net: nn.Module, make_fold, size) -> str:
-    """Forward+backward of the network's first two synapse layers (net[0] and net[2], without the
-    neuron between them): ours vs torch.nn on the folded tensor."""
-    ours = nn.Sequential(net[0], net[2])
-    fold = make_fold()
-    fold.load_state_dict(ours.state_dict())
+def time_training(net: nn.Module, size) -> str:
+    """Forward+backward of the whole network in training: ours against the same network with every
+    matterhorn layer replaced by its torch.nn twin on the folded tensor (the neurons are shared)."""
+    fold = nn.Sequential(*[Folded(m) if isinstance(m, mth.snn.Synapse) else m for m in net])
     x = (torch.rand(T, B, *size) < 0.15).float().requires_grad_()
 
-    def step(layers, fold_time):
+    def step(network):
         def run():
-            layers.zero_grad(set_to_none=True)
-            y = layers(x.flatten(0, 1)).unflatten(0, (T, B)) if fold_time else layers(x)
-            y.sum().backward()
+            network.zero_grad(set_to_none=True)
+            network(x).sum().backward()
         return run
 
+    net.train()
     times = {}
-    for name, fn in [("ours", step(ours, False)), ("fold", step(fold, True))]:
+    for name, fn in [("ours", step(net)), ("fold", step(fold))]:
         fn()
         times[name] = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5).median
-    return (f"synapses fwd+bwd: ours {1e3 * times['ours']:.3f} ms, folded torch {1e3 * times['fold']:.3f} ms, "
+    net.eval()
+    return (f"training step (fwd+bwd): ours {1e3 * times['ours']:.3f} ms, folded torch.nn {1e3 * times['fold']:.3f} ms, "
             f"ratio {times['ours'] / times['fold']:.3f}")
 
 
-def run_network(name, make, size, make_fold) -> bool:
+def run_network(name, make, size) -> bool:
     torch.manual_seed(0)
-    net = make().eval()
+    net = make()
     spikes = (torch.rand(T, B, *size) < 0.15).float()  # rate-coded input, 15% density
     print(f"== {name}: {net.__class__.__name__} of {', '.join(type(m).__name__ for m in net)}")
+    print("[1] " + time_training(net, size))  # also leaves BatchNorm with trained running statistics
     with torch.no_grad():
         multi = net(spikes)
-        print(f"[1] multi-step: {list(spikes.shape)} -> {list(multi.shape)}")
+        print(f"[2] multi-step (eval): {list(spikes.shape)} -> {list(multi.shape)}")
         for layer in net:  # a plain nn.Sequential holds no mode: switch each layer
             layer.single_step_mode_()
             layer.reset()
@@ -131,12 +143,10 @@ def run_network(name, make, size, make_fold) -> bool:
         for layer in net:
             layer.multi_step_mode_()
         difference = (steps - multi).abs().max().item()
-        print(f"[2] single-step, step by step: max |difference| = {difference:.3g}")
+        print(f"[3] single-step, step by step: max |difference| = {difference:.3g}")
         if difference > 1e-5:
             print("    MISMATCH between modes", file=sys.stderr)
             return False
-
-    print("[3] " + time_synapses(net, make_fold, size))
 
     OUT_DIR.mkdir(exist_ok=True)
     model_path, input_path, output_path = (OUT_DIR / f"{name}.pt", OUT_DIR / f"{name}_input.pt",

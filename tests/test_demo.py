@@ -14,4 +14,4 @@ def test_demo_runs_and_cpp_matches_python():
     python_lines = [line.split(": ", 1)[1] for line in lines if " Python: output " in line]
     cpp_lines = [line.split(": ", 1)[1] for line in lines if " C++: output " in line]
     assert len(python_lines) == 2 and python_lines == cpp_lines  # the MLP and the conv network
-    assert all(line.endswith("max |difference| = 0") for line in lines if line.startswith("[2]"))
+    assert all(line.endswith("max |difference| = 0") for line in lines if line.startswith("[3]"))
