@@ -50,7 +50,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (a smoke run)")
     args = parser.parse_args()
-    rows = compare([conv_case(*case) for case in CASES], rounds=1 if args.quick else 3,
+    rows = compare([conv_case(*case) for case in CASES], rounds=1 if args.quick else 5,
                    min_run_time=0.1 if args.quick else 1.0)
     print_table("Convolutions, CPU", rows)
 

@@ -52,7 +52,7 @@ def main():
     args = parser.parse_args()
     cases = linear_cases((4, 8), 256, 256, "Linear 256->256, T=4 B=8")
     cases += linear_cases((4, 64, 64), 384, 1536, "Linear 384->1536, T=4 B=64 N=64")
-    rows = compare(cases, rounds=1 if args.quick else 3, min_run_time=0.1 if args.quick else 1.0)
+    rows = compare(cases, rounds=1 if args.quick else 5, min_run_time=0.1 if args.quick else 1.0)
     print_table("Linear, CPU", rows)
 
 
