@@ -5,7 +5,6 @@ The cases of ../shared/ANCHORS.md with B scaled down to fit a 2-core CPU.
     .venv/bin/python bench/bench_conv.py [--quick]
 """
 
-import argparse
 import os
 import sys
 
@@ -14,7 +13,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import matterhorn_pytorch as mth  # noqa: E402
-from common import Case, compare, print_table  # noqa: E402
+from common import Case, folded, main, training_step  # noqa: E402
 
 # (label, class name, constructor arguments, input shape [T, B, C, ...])
 CASES = [
@@ -34,26 +33,8 @@ def conv_case(label, name, kwargs, shape):
     fold.load_state_dict(ours.state_dict())
     spikes = (torch.rand(shape) < 0.15).float()  # 15% density, as in ANCHORS.md
     x_ours, x_fold = spikes.clone().requires_grad_(), spikes.clone().requires_grad_()
-
-    def train_step(layer, forward, x):
-        def step():
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            forward(x).sum().backward()
-        return step
-
-    return Case(f"{label} fwd+bwd", train_step(ours, ours, x_ours),
-                train_step(fold, lambda x: fold(x.flatten(0, 1)).unflatten(0, x.shape[:2]), x_fold))
-
-
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (a smoke run)")
-    args = parser.parse_args()
-    rows = compare([conv_case(*case) for case in CASES], rounds=1 if args.quick else 5,
-                   min_run_time=0.1 if args.quick else 1.0)
-    print_table("Convolutions, CPU", rows)
+    return Case(f"{label} fwd+bwd", training_step(ours, ours, x_ours), training_step(fold, folded(fold), x_fold))
 
 
 if __name__ == "__main__":
-    main()
+    main("Convolutions, CPU", [conv_case(*case) for case in CASES])

@@ -5,7 +5,6 @@ forward+backward in training. The cases of ../shared/ANCHORS.md with B scaled do
     .venv/bin/python bench/bench_norm.py [--quick]
 """
 
-import argparse
 import os
 import sys
 
@@ -14,7 +13,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import matterhorn_pytorch as mth  # noqa: E402
-from common import Case, compare, print_table  # noqa: E402
+from common import Case, folded, main, training_step  # noqa: E402
 
 # (label, ours, torch.nn twin, input shape [T, B, ...], channels_last)
 CASES = [
@@ -36,26 +35,9 @@ def norm_case(label, make_ours, make_fold, shape, channels_last):
         x = x.movedim(2, -1).contiguous().movedim(-1, 2)
     x_ours, x_fold = x.clone().requires_grad_(), x.clone().requires_grad_()
     grad = torch.randn_like(x)
-
-    def train_step(layer, forward, x):
-        def step():
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            forward(x).backward(grad)
-        return step
-
-    return Case(f"{label} fwd+bwd", train_step(ours, ours, x_ours),
-                train_step(fold, lambda x: fold(x.flatten(0, 1)).unflatten(0, x.shape[:2]), x_fold))
-
-
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (a smoke run)")
-    args = parser.parse_args()
-    rows = compare([norm_case(*case) for case in CASES], rounds=1 if args.quick else 5,
-                   min_run_time=0.1 if args.quick else 1.0)
-    print_table("Normalization, CPU", rows)
+    return Case(f"{label} fwd+bwd", training_step(ours, ours, x_ours, grad),
+                training_step(fold, folded(fold), x_fold, grad))
 
 
 if __name__ == "__main__":
-    main()
+    main("Normalization, CPU", [norm_case(*case) for case in CASES])

@@ -25,7 +25,8 @@ def compare(cases: List[Case], rounds: int = 3, min_run_time: float = 0.5) -> Li
     the median over rounds of each one's median."""
     rows = []
     for case in cases:
-        case.ours(), case.fold()  # warm-up: allocator, oneDNN primitive caches
+        for _ in range(3):  # warm-up: oneDNN primitive caches, and glibc's mmap threshold, which
+            case.ours(), case.fold()  # adapts over the first large allocations (page faults until then)
         ours, fold = [], []
         for _ in range(rounds):
             ours.append(median_seconds(case.ours, min_run_time))
@@ -56,3 +57,29 @@ def print_table(title: str, rows: List[dict]) -> None:
     print("|---|---|---|---|")
     for row in rows:
         print(f"| {row['case']} | {row['ours_ms']:.3f} | {row['fold_ms']:.3f} | {row['ratio']:.3f} |")
+
+
+def folded(layer):
+    """What SpikingJelly's multi-step layers do: the torch.nn layer on the folded [T*B, ...] tensor."""
+    return lambda x: layer(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
+def training_step(layer, forward, x, grad=None):
+    """One forward+backward of ``forward(x)`` with fresh gradients (``grad`` or a sum's)."""
+    def step():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        y = forward(x)
+        y.backward(grad) if grad is not None else y.sum().backward()
+    return step
+
+
+def main(title: str, cases: List[Case]) -> None:
+    """The command line of every bench script: ``--quick`` for a smoke run."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="one short round per case (a smoke run)")
+    args = parser.parse_args()
+    rows = compare(cases, rounds=1 if args.quick else 5, min_run_time=0.1 if args.quick else 1.0)
+    print_table(title, rows)
