@@ -4,6 +4,8 @@ Layers take spike trains ``[T, B, ...]`` (multi-step, the default) or ``[B, ...]
 and compute through the C++ ops ``torch.ops.matterhorn.*``.
 """
 
+import os as _os
+
 from ._loader import load_core as _load_core
 
 _C = _load_core()
@@ -12,4 +14,8 @@ from . import snn  # noqa: E402  (needs the ops registered by _C)
 
 __version__ = _C.build_info()["version"]
 
-__all__ = ["snn", "__version__"]
+# For C++ users: CMAKE_PREFIX_PATH entry with which find_package(matterhorn) finds this copy
+# (beside torch.utils.cmake_prefix_path for find_package(Torch)).
+cmake_prefix_path = _os.path.join(_os.path.dirname(_C.__file__), "share", "cmake")
+
+__all__ = ["snn", "cmake_prefix_path", "__version__"]

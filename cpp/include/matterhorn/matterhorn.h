@@ -8,4 +8,5 @@
 #include "matterhorn/snn/linear.h"
 #include "matterhorn/snn/normalization.h"
 #include "matterhorn/snn/step_mode.h"
+#include "matterhorn/serialize.h"
 #include "matterhorn/version.h"

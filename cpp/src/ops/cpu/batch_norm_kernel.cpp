@@ -1,6 +1,6 @@
 // CPU kernels of the BatchNorm building blocks (see ops/batch_norm.h). Statistics in one pass over
-// the input (per-row moments merged with Chan's formula, or Welford across rows for
-// channels_last), float32 accumulation for float16/bfloat16, no transposes or layout copies for
+// the input (moments per row, or per cached chunk of rows for channels_last, merged with Chan's
+// formula), float32 accumulation for float16/bfloat16, no transposes or layout copies for
 // contiguous or channels_last inputs, parallel over (group, channel) or over rows.
 #include <algorithm>
 #include <vector>
@@ -74,7 +74,9 @@ void stats_kernel(const scalar_t* x, acc_t* mean, acc_t* var, const BatchNormLay
     });
     return;
   }
-  // [G, R, C]: Welford down chunks of rows, vectorised across channels, then chunks merged in order.
+  // [G, R, C]: per chunk of rows (small enough to stay in cache), the mean, then the squared
+  // deviations from it: two passes over the chunk, one over memory, vectorised across channels.
+  // Chunks are merged in order.
   const int64_t chunks = chunks_of(R);
   std::vector<acc_t> chunk_mean(l.groups * chunks * C, 0), chunk_m2(l.groups * chunks * C, 0);
   at::parallel_for(0, l.groups * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -85,13 +87,18 @@ void stats_kernel(const scalar_t* x, acc_t* mean, acc_t* var, const BatchNormLay
       acc_t* cm2 = chunk_m2.data() + gk * C;
       for (int64_t r = first; r < last; ++r) {
         const scalar_t* row = x + (g * R + r) * C;
-        const acc_t inv_n = acc_t(1) / static_cast<acc_t>(r - first + 1);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) cm[c] += static_cast<acc_t>(row[c]);
+      }
+      const acc_t inv_n = acc_t(1) / static_cast<acc_t>(last - first);
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) cm[c] *= inv_n;
+      for (int64_t r = first; r < last; ++r) {
+        const scalar_t* row = x + (g * R + r) * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t value = static_cast<acc_t>(row[c]);
-          const acc_t d = value - cm[c];
-          cm[c] += d * inv_n;
-          cm2[c] += d * (value - cm[c]);
+          const acc_t d = static_cast<acc_t>(row[c]) - cm[c];
+          cm2[c] += d * d;
         }
       }
     }

@@ -1,0 +1,16 @@
+#pragma once
+// Weights saved in Python, loaded into a C++ model.
+#include <string>
+
+#include <c10/macros/Export.h>
+#include <torch/nn/module.h>
+
+namespace matterhorn {
+
+// Loads a state_dict saved from Python with `torch.save(model.state_dict(), path)` into `module`,
+// matching names ("conv.weight", "0.running_mean", ...) as nn.Module.load_state_dict does with
+// strict=True: every parameter and buffer of `module` must be in the file with the same shape,
+// and the file may hold nothing else. Raises c10::ValueError naming what does not match.
+C10_EXPORT void load_state_dict(torch::nn::Module& module, const std::string& path);
+
+}  // namespace matterhorn

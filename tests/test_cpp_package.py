@@ -1,0 +1,86 @@
+"""C++ users: find_package(matterhorn) against the pip-installed package and a plain
+`cmake --install`; a program built with the C++ API loads Python-saved weights and reproduces
+the Python output; one loaded model run by 8 threads at once."""
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.utils
+
+import matterhorn_pytorch as mth
+from conftest import RUN_MODEL
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "cpp"
+sys.path.insert(0, str(EXAMPLE))
+from net import Net, export  # noqa: E402
+
+CMAKE = [str(Path(sys.executable).parent / "cmake")]  # the venv's CMake (>= 3.26)
+BUILD_ENV = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL="2")
+
+
+def cmake(*args, cwd=REPO):
+    result = subprocess.run([*CMAKE, *args], cwd=cwd, capture_output=True, text=True, env=BUILD_ENV, timeout=1800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+def build_example(prefix_path: str, build_dir: Path) -> Path:
+    cmake("-S", str(EXAMPLE), "-B", str(build_dir), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+          f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{prefix_path}")
+    cmake("--build", str(build_dir))
+    return build_dir / "snn_inference"
+
+
+def run_example(program: Path, tmp_path: Path):
+    expected = export(tmp_path / "data")
+    result = subprocess.run([str(program), *(str(tmp_path / "data" / f) for f in ("weights.pt", "input.pt", "out.pt"))],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    torch.testing.assert_close(torch.load(tmp_path / "data" / "out.pt"), expected)
+
+
+def test_example_against_the_pip_installed_package(tmp_path):
+    assert (Path(mth.cmake_prefix_path) / "matterhorn" / "matterhornConfig.cmake").is_file()
+    run_example(build_example(mth.cmake_prefix_path, tmp_path / "build"), tmp_path)
+
+
+def test_example_against_a_plain_cmake_install(tmp_path):
+    # A plain (non-Python) build of the library; kept under build/ so that reruns are incremental.
+    build_dir = REPO / "build" / "plain"
+    cmake("-S", str(REPO), "-B", str(build_dir), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+          f"-DPython_EXECUTABLE={sys.executable}", "-DMATTERHORN_BUILD_TOOLS=OFF")
+    cmake("--build", str(build_dir))
+    prefix = tmp_path / "prefix"
+    cmake("--install", str(build_dir), "--prefix", str(prefix))
+    assert (prefix / "lib" / "cmake" / "matterhorn" / "matterhornConfig.cmake").is_file()
+    assert not (prefix / "lib" / "cmake" / "matterhorn" / "_C").exists()
+    run_example(build_example(str(prefix), tmp_path / "build"), tmp_path)
+
+
+def test_load_state_dict_rejects_a_mismatched_file(tmp_path):
+    program = build_example(mth.cmake_prefix_path, tmp_path / "build")
+    export(tmp_path / "data")
+    state = torch.load(tmp_path / "data" / "weights.pt")
+    state["fc.weight"] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "data" / "weights.pt")
+    result = subprocess.run([str(program), *(str(tmp_path / "data" / f) for f in ("weights.pt", "input.pt", "out.pt"))],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "'fc.weight' has shape [3, 3] in the file but [10, 512] in the model" in result.stderr
+
+
+def test_eight_threads_share_one_loaded_model(tmp_path):
+    net = Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(net.eval()).save(str(tmp_path / "net.pt"))
+    torch.save((torch.rand(4, 3, 2, 8, 8) < 0.2).float(), tmp_path / "input.pt")
+    result = subprocess.run([str(RUN_MODEL), "--threads", "8", "--seconds", "2", str(tmp_path / "net.pt"),
+                             str(tmp_path / "input.pt")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " 0 mismatches" in result.stdout and "8 threads" in result.stdout
