@@ -66,12 +66,20 @@ def test_load_state_dict_rejects_a_mismatched_file(tmp_path):
     program = build_example(mth.cmake_prefix_path, tmp_path / "build")
     export(tmp_path / "data")
     state = torch.load(tmp_path / "data" / "weights.pt")
-    state["fc.weight"] = torch.zeros(3, 3)
-    torch.save(state, tmp_path / "data" / "weights.pt")
-    result = subprocess.run([str(program), *(str(tmp_path / "data" / f) for f in ("weights.pt", "input.pt", "out.pt"))],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert "'fc.weight' has shape [3, 3] in the file but [10, 512] in the model" in result.stderr
+
+    def load_in_cpp(weights):
+        torch.save(weights, tmp_path / "data" / "weights.pt")
+        files = (str(tmp_path / "data" / f) for f in ("weights.pt", "input.pt", "out.pt"))
+        result = subprocess.run([str(program), *files], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        return result.stderr
+
+    assert "'fc.weight' has shape [3, 3] in the file but [10, 512] in the model" in load_in_cpp(
+        {**state, "fc.weight": torch.zeros(3, 3)})
+    assert "unexpected key 'extra'" in load_in_cpp({**state, "extra": torch.zeros(1)})
+    assert "lacks 1 key(s), the first 'bn.bias'" in load_in_cpp({k: v for k, v in state.items() if k != "bn.bias"})
+    # what torch.save(model.state_dict()) writes (an OrderedDict) is refused with the way out
+    assert "matterhorn_pytorch.save_state_dict(model, path)" in load_in_cpp(Net().state_dict())
 
 
 def test_eight_threads_share_one_loaded_model(tmp_path):

@@ -15,10 +15,15 @@ void load_state_dict(torch::nn::Module& module, const std::string& path) {
   std::ifstream stream(path, std::ios::binary);
   TORCH_CHECK_VALUE(stream, "load_state_dict: cannot open '", path, "'");
   const std::vector<char> bytes{std::istreambuf_iterator<char>(stream), std::istreambuf_iterator<char>()};
-  const c10::IValue loaded = torch::jit::pickle_load(bytes);
-  TORCH_CHECK_VALUE(
-      loaded.isGenericDict(), "load_state_dict: '", path,
-      "' holds no state_dict (save one with torch.save(model.state_dict(), path))");
+  // torch's C++ unpickler reads plain dicts but not the OrderedDict that state_dict() returns.
+  const char* how = "; save it from Python with matterhorn_pytorch.save_state_dict(model, path)";
+  c10::IValue loaded;
+  try {
+    loaded = torch::jit::pickle_load(bytes);
+  } catch (const c10::Error& error) {
+    TORCH_CHECK_VALUE(false, "load_state_dict: '", path, "' cannot be read as a plain dict of tensors", how);
+  }
+  TORCH_CHECK_VALUE(loaded.isGenericDict(), "load_state_dict: '", path, "' holds no dict of tensors", how);
 
   auto targets = module.named_parameters(/*recurse=*/true);
   for (const auto& buffer : module.named_buffers(/*recurse=*/true)) targets.insert(buffer.key(), buffer.value());

@@ -1,5 +1,6 @@
 """The Python side of the C++ example: the network trained (here: a few BatchNorm steps) in
-Python, its weights saved for snn_inference.cpp, which rebuilds it with the C++ API.
+Python, its weights saved (mth.save_state_dict) for snn_inference.cpp, which rebuilds it with
+the C++ API and loads them (matterhorn::load_state_dict).
 
     python examples/cpp/net.py OUT_DIR      # writes weights.pt, input.pt, expected.pt
 """
@@ -37,7 +38,7 @@ def export(out_dir: Path) -> torch.Tensor:
     spikes = (torch.rand(5, 3, 2, 8, 8) < 0.15).float()
     expected = net(spikes).detach()
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), out_dir / "weights.pt")
+    mth.save_state_dict(net, out_dir / "weights.pt")
     torch.save(spikes, out_dir / "input.pt")
     torch.save(expected, out_dir / "expected.pt")
     return expected

@@ -18,4 +18,15 @@ __version__ = _C.build_info()["version"]
 # (beside torch.utils.cmake_prefix_path for find_package(Torch)).
 cmake_prefix_path = _os.path.join(_os.path.dirname(_C.__file__), "share", "cmake")
 
-__all__ = ["snn", "cmake_prefix_path", "__version__"]
+
+
+def save_state_dict(module, path) -> None:
+    """Save ``module``'s parameters and buffers for the C++ API (``matterhorn::load_state_dict``):
+    ``torch.save`` of a plain dict {name: tensor}, which torch's C++ unpickler reads (it cannot
+    read the OrderedDict that ``module.state_dict()`` returns)."""
+    import torch
+
+    torch.save({name: tensor.detach() for name, tensor in module.state_dict().items()}, path)
+
+
+__all__ = ["snn", "cmake_prefix_path", "save_state_dict", "__version__"]
