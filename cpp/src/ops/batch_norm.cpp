@@ -24,12 +24,15 @@ std::tuple<at::Tensor, at::Tensor> call_stats(const at::Tensor& input, int64_t g
   return op.call(input, groups);
 }
 
-at::Tensor call_elemt(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift, int64_t groups) {
+at::Tensor call_elemt(
+    const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, int64_t groups) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("matterhorn::batch_norm_elemt", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
-  return op.call(input, scale, shift, groups);
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, double, int64_t)>();
+  return op.call(input, mean, var, weight, bias, eps, groups);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_backward_reduce(
@@ -42,14 +45,16 @@ std::tuple<at::Tensor, at::Tensor> call_backward_reduce(
 }
 
 at::Tensor call_backward_elemt(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& k_dy,
-    const at::Tensor& k_x, const at::Tensor& k_shift, int64_t groups) {
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, double eps,
+    const c10::SymInt& count, int64_t groups) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("matterhorn::batch_norm_backward_elemt", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, int64_t)>();
-  return op.call(grad_output, input, k_dy, k_x, k_shift, groups);
+                            const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, c10::SymInt,
+                            int64_t)>();
+  return op.call(grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, eps, count, groups);
 }
 
 at::Tensor call_normalize_first(
@@ -157,19 +162,12 @@ std::tuple<at::Tensor, BatchNormLayout> batch_norm_layout(const at::Tensor& inpu
   layout.channels = input.size(1);
   const int64_t spatial = input.dim() > 2 ? input.numel() / std::max<int64_t>(1, input.size(0) * input.size(1)) : 1;
   const int64_t rows = input.size(0) / groups;
-  // No spatial size, or channels last in memory: walk [G, M*S, C]. Contiguous: [G, M, C, S].
-  const bool channels_last = spatial == 1 || (input.dim() > 2 && input.movedim(1, -1).is_contiguous());
-  at::Tensor walk = input;
-  if (channels_last) {
-    if (!input.movedim(1, -1).is_contiguous()) walk = input.contiguous();  // only [N, C] with odd strides
-    layout.channels_last = true;
-    layout.rows = rows * spatial;
-  } else {
-    walk = dense(input);
-    layout.rows = rows;
-    layout.inner = spatial;
-  }
-  return {walk, layout};
+  // No spatial size, or channels innermost in memory: walk [G, M*S, C]. Else [G, M, C, S], dense.
+  layout.channels_last = spatial == 1 || channels_innermost(input);
+  layout.rows = layout.channels_last ? rows * spatial : rows;
+  layout.inner = layout.channels_last ? 1 : spatial;
+  const bool walkable = spatial == 1 ? input.is_contiguous() : layout.channels_last || input.is_contiguous();
+  return {walkable ? input : input.contiguous(), layout};
 }
 
 void check_batch_norm_block(const char* op, const at::Tensor& input, int64_t groups) {
@@ -191,7 +189,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     bool batch_statistics, double eps, int64_t groups) {
-  const auto acc = at::toOpMathType(input.scalar_type());
   at::Tensor mean, var;
   if (batch_statistics) {
     std::tie(mean, var) = call_stats(input, groups);
@@ -200,40 +197,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_forward(
         running_mean.has_value() && running_var.has_value(),
         "batch_norm_normalize: running statistics are needed without batch statistics");
     // Copies: an op's outputs may not alias its inputs.
+    const auto acc = at::toOpMathType(input.scalar_type());
     mean = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true).unsqueeze(0);
     var = running_var->to(acc, /*non_blocking=*/false, /*copy=*/true).unsqueeze(0);
     groups = 1;
   }
-  at::Tensor scale = (var + eps).rsqrt();
-  if (weight.has_value() && weight->defined()) scale = scale * cast(*weight, acc);
-  at::Tensor shift = -mean * scale;
-  if (bias.has_value() && bias->defined()) shift = shift + cast(*bias, acc);
-  return {call_elemt(input, scale, shift, groups), mean, var};
+  return {call_elemt(input, mean, var, weight, bias, eps, groups), mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& var, bool batch_statistics, double eps, int64_t groups,
     std::array<bool, 3> needs) {
-  const bool has_weight = weight.has_value() && weight->defined();
-  const at::Tensor invstd = (var + eps).rsqrt();
-  const at::Tensor k_dy = has_weight ? invstd * cast(*weight, invstd.scalar_type()) : invstd;
   at::Tensor sum_dy, sum_dy_xmu, grad_input, grad_weight, grad_bias;
   if (needs[1] || needs[2] || (needs[0] && batch_statistics)) {
     std::tie(sum_dy, sum_dy_xmu) = call_backward_reduce(grad_output, input, mean, groups);
   }
   if (needs[0]) {
-    if (batch_statistics) {
-      // dx = (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))) * invstd * w
-      const c10::SymInt count = input.sym_numel() / (mean.sym_numel());
-      const at::Tensor k_x = -k_dy * invstd * invstd * sum_dy_xmu / c10::Scalar(count);
-      const at::Tensor k_shift = -k_dy * sum_dy / c10::Scalar(count) - mean * k_x;
-      grad_input = call_backward_elemt(grad_output, input, k_dy, k_x, k_shift, groups);
-    } else {
-      grad_input = call_elemt(grad_output, k_dy, at::zeros_like(k_dy), groups);
-    }
+    grad_input = batch_statistics
+        ? call_backward_elemt(grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, eps,
+                              input.sym_numel() / mean.sym_numel(), groups)
+        // running statistics are constants: dx = dy * invstd * weight
+        : call_elemt(grad_output, at::zeros_like(mean), var, weight, std::nullopt, eps, groups);
   }
-  if (needs[1]) grad_weight = cast((sum_dy_xmu * invstd).sum(0), weight->scalar_type());
+  if (needs[1]) grad_weight = cast((sum_dy_xmu * (var + eps).rsqrt()).sum(0), weight->scalar_type());
   if (needs[2]) grad_bias = sum_dy.sum(0);
   return {grad_input, grad_weight, grad_bias};
 }
@@ -248,28 +235,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_normalize_composite(
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     bool batch_statistics, double eps, int64_t groups) {
   return detail::normalize_forward(input, weight, bias, running_mean, running_var, batch_statistics, eps, groups);
-}
-
-// Running statistics as torch.nn updates them, once per group in order: with per-step statistics
-// (G = T) that is what T calls of torch.nn.BatchNorm would do. No host synchronisation.
-void batch_norm_update_stats_composite(
-    const at::Tensor& mean, const at::Tensor& var, c10::SymInt count, const at::Tensor& running_mean,
-    const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked,
-    std::optional<double> momentum) {
-  using detail::cast;
-  const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  const at::Tensor unbiased = var * c10::Scalar(count) / c10::Scalar(count - 1);
-  for (const auto g : c10::irange(mean.size(0))) {
-    if (tracked) num_batches_tracked->add_(1);
-    if (momentum.has_value()) {
-      running_mean.lerp_(cast(mean[g], running_mean.scalar_type()), *momentum);
-      running_var.lerp_(cast(unbiased[g], running_var.scalar_type()), *momentum);
-    } else if (tracked) {  // cumulative moving average: factor 1 / num_batches_tracked
-      const at::Tensor factor = cast(num_batches_tracked->reciprocal(), running_mean.scalar_type());
-      running_mean.lerp_(cast(mean[g], running_mean.scalar_type()), factor);
-      running_var.lerp_(cast(unbiased[g], running_var.scalar_type()), factor);
-    }
-  }
 }
 
 // The layer op: checks in the user's terms, fold, normalize, update the running statistics.
@@ -331,11 +296,13 @@ TORCH_LIBRARY_FRAGMENT(matterhorn, m) {
       "batch_norm_update_stats(Tensor mean, Tensor var, SymInt count, Tensor(a!) running_mean, "
       "Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, float? momentum) -> ()");
   m.def("batch_norm_stats(Tensor input, int groups) -> (Tensor, Tensor)");
-  m.def("batch_norm_elemt(Tensor input, Tensor scale, Tensor shift, int groups) -> Tensor");
+  m.def(
+      "batch_norm_elemt(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
+      "int groups) -> Tensor");
   m.def("batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, int groups) -> (Tensor, Tensor)");
   m.def(
-      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor k_dy, Tensor k_x, Tensor k_shift, "
-      "int groups) -> Tensor");
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor var, Tensor? weight, "
+      "Tensor sum_dy, Tensor sum_dy_xmu, float eps, SymInt count, int groups) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(matterhorn, CompositeImplicitAutograd, m) {
@@ -344,5 +311,4 @@ TORCH_LIBRARY_IMPL(matterhorn, CompositeImplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(matterhorn, CompositeExplicitAutograd, m) {
   m.impl("batch_norm_normalize", &matterhorn::ops::batch_norm_normalize_composite);
-  m.impl("batch_norm_update_stats", &matterhorn::ops::batch_norm_update_stats_composite);
 }

@@ -4,11 +4,12 @@
 // position. G = 1 normalises over T, B and space together; G = T is the per-time-step option.
 //
 // Building-block ops (one kernel file per dispatch key, so CUDA kernels slot in beside the CPU ones):
-//   batch_norm_stats(x, G)                        -> mean [G, C], biased var [G, C]
-//   batch_norm_elemt(x, scale, shift, G)          -> x * scale + shift, per (group, channel)
-//   batch_norm_backward_reduce(dy, x, mean, G)    -> sum(dy), sum(dy * (x - mean)) [G, C]
-//   batch_norm_backward_elemt(dy, x, k_dy, k_x, k_shift, G) -> dy * k_dy + x * k_x + k_shift
+//   batch_norm_stats(x, G)                           -> mean [G, C], biased var [G, C]
+//   batch_norm_elemt(x, mean, var, w, b, eps, G)     -> (x - mean) / sqrt(var + eps) * w + b
+//   batch_norm_backward_reduce(dy, x, mean, G)       -> sum(dy), sum(dy * (x - mean)) [G, C]
+//   batch_norm_backward_elemt(dy, x, mean, var, w, sum_dy, sum_dy_xmu, eps, count, G) -> dx
 //   batch_norm_update_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
+// The per-channel constants are computed inside the kernels: a call is a handful of ops, not dozens.
 // the differentiable batch_norm_normalize (statistics + affine, autograd in C++), and the layer op
 // batch_norm = checks + fold + batch_norm_normalize + batch_norm_update_stats.
 #include <array>
@@ -25,6 +26,13 @@ inline at::Tensor cast(const at::Tensor& t, at::ScalarType type) {
   return t.scalar_type() == type ? t : t.to(type);
 }
 inline at::Tensor dense(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
+// Dense with the channels innermost in memory ([N, *spatial, C]): channels_last and its 1-D/3-D kin.
+inline bool channels_innermost(const at::Tensor& t) {
+  if (t.dim() == 4) return t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (t.dim() == 5) return t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  return t.dim() == 3 && t.stride(1) == 1 && t.stride(2) == t.size(1) && t.stride(0) == t.size(1) * t.size(2);
+}
 
 // How a kernel walks the folded input: [G, M, C, S] (NCS, contiguous) or [G, M*S, C] (NSC:
 // channels_last, or no spatial size at all).

@@ -278,27 +278,20 @@ class _SynchronisedBatchNorm(torch.autograd.Function):
         if running_mean is not None and running_var is not None:
             torch.ops.matterhorn.batch_norm_update_stats(
                 mean, var, int(count[0, 0]), running_mean, running_var, num_batches_tracked, momentum)
-        invstd = (var + eps).rsqrt()
-        scale = invstd * weight.to(accumulate) if weight is not None else invstd
-        shift = -mean * scale + (bias.to(accumulate) if bias is not None else 0)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.groups, ctx.group, ctx.count, ctx.has_bias = groups, group, count.to(mean.dtype), bias is not None
-        return torch.ops.matterhorn.batch_norm_elemt(x, scale, shift, groups)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps, ctx.groups, ctx.group, ctx.count, ctx.has_bias = eps, groups, group, int(count[0, 0]), bias is not None
+        return torch.ops.matterhorn.batch_norm_elemt(x, mean, var, weight, bias, eps, groups)
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, mean, var = ctx.saved_tensors
         sum_dy, sum_dy_xmu = torch.ops.matterhorn.batch_norm_backward_reduce(grad_output, x, mean, ctx.groups)
-        grad_weight = (sum_dy_xmu * invstd).sum(0).to(weight.dtype) if weight is not None else None
+        grad_weight = (sum_dy_xmu * (var + ctx.eps).rsqrt()).sum(0).to(weight.dtype) if weight is not None else None
         grad_bias = sum_dy.sum(0).to(weight.dtype) if ctx.has_bias else None
         sums = torch.stack([sum_dy, sum_dy_xmu])
         distributed.all_reduce(sums, group=ctx.group)
-        sum_dy, sum_dy_xmu = sums.unbind(0)
-        # the coefficients of normalize_backward (ops/batch_norm.cpp), with the group's count
-        k_dy = invstd * weight.to(invstd.dtype) if weight is not None else invstd
-        k_x = -k_dy * invstd * invstd * sum_dy_xmu / ctx.count
-        k_shift = -k_dy * sum_dy / ctx.count - mean * k_x
-        grad_input = torch.ops.matterhorn.batch_norm_backward_elemt(grad_output, x, k_dy, k_x, k_shift, ctx.groups)
+        grad_input = torch.ops.matterhorn.batch_norm_backward_elemt(
+            grad_output, x, mean, var, weight, sums[0], sums[1], ctx.eps, ctx.count, ctx.groups)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 

@@ -3,6 +3,7 @@
 // formula), float32 accumulation for float16/bfloat16, no transposes or layout copies for
 // contiguous or channels_last inputs, parallel over (group, channel) or over rows.
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -18,6 +19,7 @@ namespace {
 
 using matterhorn::ops::detail::BatchNormLayout;
 using matterhorn::ops::detail::cast;
+using matterhorn::ops::detail::channels_innermost;
 using matterhorn::ops::detail::dense;
 using matterhorn::ops::detail::batch_norm_layout;
 using matterhorn::ops::detail::check_batch_norm_block;
@@ -41,7 +43,9 @@ struct Moments {
 
 // A second tensor (dy) walked in the same layout as the input.
 at::Tensor like_layout(const at::Tensor& t, const BatchNormLayout& layout) {
-  return layout.channels_last ? dense(t.movedim(1, -1)).movedim(-1, 1) : dense(t);
+  const bool spatial = t.numel() != t.size(0) * t.size(1);
+  if (!layout.channels_last || !spatial) return dense(t);
+  return channels_innermost(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
 }
 
 int64_t chunks_of(int64_t rows) { return (rows + kRowsPerChunk - 1) / kRowsPerChunk; }
@@ -218,13 +222,16 @@ void channel_affine_kernel(scalar_t* out, const scalar_t* a, const acc_t* ka, co
   });
 }
 
-// Per-(group, channel) constants as contiguous [G, C] tensors of the accumulation type.
-at::Tensor constants(const at::Tensor& t, const at::Tensor& input, const BatchNormLayout& l, const char* op,
-                     const char* name) {
-  TORCH_CHECK_VALUE(
-      t.numel() == l.groups * l.channels, op, ": ", name, " must hold groups x channels = ", l.groups, " x ",
-      l.channels, " values, got ", t.sizes());
+// Per-channel values ([G, C] statistics, [C] parameters) as a contiguous tensor of the
+// accumulation type; `count` values are expected.
+at::Tensor constants(const at::Tensor& t, const at::Tensor& input, int64_t count, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.numel() == count, op, ": ", name, " must hold ", count, " values, got ", t.sizes());
   return dense(cast(t, at::toOpMathType(input.scalar_type())));
+}
+
+template <typename acc_t>
+const acc_t* optional_data(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->const_data_ptr<acc_t>() : nullptr;
 }
 
 std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& input, int64_t groups) {
@@ -242,19 +249,33 @@ std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& input, int64_t gr
   return {mean, var};
 }
 
-at::Tensor elemt_cpu(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift, int64_t groups) {
+at::Tensor elemt_cpu(
+    const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, int64_t groups) {
   check_batch_norm_block("batch_norm_elemt", input, groups);
   at::Tensor x;
   BatchNormLayout layout;
   std::tie(x, layout) = batch_norm_layout(input, groups);
-  const at::Tensor k = constants(scale, input, layout, "batch_norm_elemt", "scale");
-  const at::Tensor k0 = constants(shift, input, layout, "batch_norm_elemt", "shift");
+  const int64_t C = layout.channels, GC = groups * C;
+  const at::Tensor mu = constants(mean, input, GC, "batch_norm_elemt", "mean");
+  const at::Tensor sigma2 = constants(var, input, GC, "batch_norm_elemt", "var");
+  std::optional<at::Tensor> w, b;
+  if (weight.has_value() && weight->defined()) w = constants(*weight, input, C, "batch_norm_elemt", "weight");
+  if (bias.has_value() && bias->defined()) b = constants(*bias, input, C, "batch_norm_elemt", "bias");
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_elemt", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    // y = x * scale + shift, scale = w / sqrt(var + eps), shift = b - mean * scale
+    std::vector<acc_t> scale(GC), shift(GC);
+    const acc_t *m = mu.const_data_ptr<acc_t>(), *v = sigma2.const_data_ptr<acc_t>();
+    const acc_t *pw = optional_data<acc_t>(w), *pb = optional_data<acc_t>(b);
+    for (int64_t gc = 0; gc < GC; ++gc) {
+      const int64_t c = gc % C;
+      scale[gc] = (pw ? pw[c] : acc_t(1)) / std::sqrt(v[gc] + static_cast<acc_t>(eps));
+      shift[gc] = (pb ? pb[c] : acc_t(0)) - m[gc] * scale[gc];
+    }
     channel_affine_kernel<scalar_t, acc_t, false>(
-        out.data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), k.const_data_ptr<acc_t>(), nullptr, nullptr,
-        k0.const_data_ptr<acc_t>(), layout);
+        out.data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), scale.data(), nullptr, nullptr, shift.data(), layout);
   });
   return out;
 }
@@ -266,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
   BatchNormLayout layout;
   std::tie(x, layout) = batch_norm_layout(input, groups);
   const at::Tensor dy = like_layout(grad_output, layout);
-  const at::Tensor mu = constants(mean, input, layout, "batch_norm_backward_reduce", "mean");
+  const at::Tensor mu = constants(mean, input, groups * layout.channels, "batch_norm_backward_reduce", "mean");
   at::Tensor sum_dy = at::empty({groups, layout.channels}, mu.options());
   at::Tensor sum_dy_xmu = at::empty({groups, layout.channels}, mu.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward_reduce", [&] {
@@ -279,24 +300,76 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
 }
 
 at::Tensor backward_elemt_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& k_dy, const at::Tensor& k_x,
-    const at::Tensor& k_shift, int64_t groups) {
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, double eps,
+    c10::SymInt count, int64_t groups) {
   check_batch_norm_block("batch_norm_backward_elemt", input, groups);
   at::Tensor x;
   BatchNormLayout layout;
   std::tie(x, layout) = batch_norm_layout(input, groups);
   const at::Tensor dy = like_layout(grad_output, layout);
-  const at::Tensor a = constants(k_dy, input, layout, "batch_norm_backward_elemt", "k_dy");
-  const at::Tensor b = constants(k_x, input, layout, "batch_norm_backward_elemt", "k_x");
-  const at::Tensor c = constants(k_shift, input, layout, "batch_norm_backward_elemt", "k_shift");
+  const int64_t C = layout.channels, GC = groups * C;
+  const char* op = "batch_norm_backward_elemt";
+  const at::Tensor mu = constants(mean, input, GC, op, "mean"), sigma2 = constants(var, input, GC, op, "var");
+  const at::Tensor s_dy = constants(sum_dy, input, GC, op, "sum_dy");
+  const at::Tensor s_dy_xmu = constants(sum_dy_xmu, input, GC, op, "sum_dy_xmu");
+  std::optional<at::Tensor> w;
+  if (weight.has_value() && weight->defined()) w = constants(*weight, input, C, op, "weight");
+  const int64_t n = count.expect_int();  // values per (group, channel), over every process when synchronised
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward_elemt", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    // dx = (dy - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n) * invstd * w
+    //    = dy * k_dy + x * k_x + k_shift
+    std::vector<acc_t> k_dy(GC), k_x(GC), k_shift(GC);
+    const acc_t *m = mu.const_data_ptr<acc_t>(), *v = sigma2.const_data_ptr<acc_t>();
+    const acc_t *sd = s_dy.const_data_ptr<acc_t>(), *sdx = s_dy_xmu.const_data_ptr<acc_t>();
+    const acc_t* pw = optional_data<acc_t>(w);
+    for (int64_t gc = 0; gc < GC; ++gc) {
+      const acc_t invstd = acc_t(1) / std::sqrt(v[gc] + static_cast<acc_t>(eps));
+      k_dy[gc] = invstd * (pw ? pw[gc % C] : acc_t(1));
+      k_x[gc] = -k_dy[gc] * invstd * invstd * sdx[gc] / static_cast<acc_t>(n);
+      k_shift[gc] = -k_dy[gc] * sd[gc] / static_cast<acc_t>(n) - m[gc] * k_x[gc];
+    }
     channel_affine_kernel<scalar_t, acc_t, true>(
-        out.data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), a.const_data_ptr<acc_t>(),
-        x.const_data_ptr<scalar_t>(), b.const_data_ptr<acc_t>(), c.const_data_ptr<acc_t>(), layout);
+        out.data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), k_dy.data(), x.const_data_ptr<scalar_t>(),
+        k_x.data(), k_shift.data(), layout);
   });
   return out;
+}
+
+// Running statistics as torch.nn updates them, once per group in order: with per-step statistics
+// (G = T) that is what T calls of torch.nn.BatchNorm would do.
+void update_stats_cpu(
+    const at::Tensor& mean, const at::Tensor& var, c10::SymInt count, const at::Tensor& running_mean,
+    const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked,
+    std::optional<double> momentum) {
+  const int64_t C = running_mean.numel(), n = count.expect_int();
+  TORCH_CHECK_VALUE(
+      mean.dim() == 2 && mean.size(1) == C && var.sizes() == mean.sizes() && running_var.numel() == C,
+      "batch_norm_update_stats: expected mean and var [G, C] and running statistics [C], got ", mean.sizes(), ", ",
+      var.sizes(), ", ", running_mean.sizes(), ", ", running_var.sizes());
+  TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(),
+                    "batch_norm_update_stats: running statistics must be contiguous");
+  const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  const at::Tensor m = dense(cast(mean, at::kDouble)), v = dense(cast(var, at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "batch_norm_update_stats", [&] {
+    scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    for (int64_t g = 0; g < mean.size(0); ++g) {
+      double factor = momentum.value_or(0.0);
+      if (tracked) {
+        const int64_t batches = num_batches_tracked->add_(1).item<int64_t>();
+        if (!momentum.has_value()) factor = 1.0 / static_cast<double>(batches);  // cumulative average
+      }
+      const double* mg = m.const_data_ptr<double>() + g * C;
+      const double* vg = v.const_data_ptr<double>() + g * C;
+      for (int64_t c = 0; c < C; ++c) {
+        rm[c] = static_cast<scalar_t>((1 - factor) * static_cast<double>(rm[c]) + factor * mg[c]);
+        rv[c] = static_cast<scalar_t>((1 - factor) * static_cast<double>(rv[c]) + factor * vg[c] * n / (n - 1));
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -306,4 +379,5 @@ TORCH_LIBRARY_IMPL(matterhorn, CPU, m) {
   m.impl("batch_norm_elemt", &elemt_cpu);
   m.impl("batch_norm_backward_reduce", &backward_reduce_cpu);
   m.impl("batch_norm_backward_elemt", &backward_elemt_cpu);
+  m.impl("batch_norm_update_stats", &update_stats_cpu);
 }

@@ -22,7 +22,8 @@ std::tuple<at::Tensor, at::Tensor> stats_meta(const at::Tensor& input, int64_t g
   return {per_channel(input, groups), per_channel(input, groups)};
 }
 
-at::Tensor elemt_meta(const at::Tensor& input, const at::Tensor&, const at::Tensor&, int64_t groups) {
+at::Tensor elemt_meta(const at::Tensor& input, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&, double, int64_t groups) {
   check_batch_norm_block("batch_norm_elemt", input, groups);
   return at::empty_like(input);
 }
@@ -34,11 +35,15 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_meta(
 }
 
 at::Tensor backward_elemt_meta(
-    const at::Tensor&, const at::Tensor& input, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    int64_t groups) {
+    const at::Tensor&, const at::Tensor& input, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const at::Tensor&, const at::Tensor&, double, c10::SymInt, int64_t groups) {
   check_batch_norm_block("batch_norm_backward_elemt", input, groups);
   return at::empty_like(input);
 }
+
+// The running statistics are updated in place: nothing to compute on meta tensors.
+void update_stats_meta(const at::Tensor&, const at::Tensor&, c10::SymInt, const at::Tensor&, const at::Tensor&,
+                       const std::optional<at::Tensor>&, std::optional<double>) {}
 
 }  // namespace
 
@@ -47,4 +52,5 @@ TORCH_LIBRARY_IMPL(matterhorn, Meta, m) {
   m.impl("batch_norm_elemt", &elemt_meta);
   m.impl("batch_norm_backward_reduce", &backward_reduce_meta);
   m.impl("batch_norm_backward_elemt", &backward_elemt_meta);
+  m.impl("batch_norm_update_stats", &update_stats_meta);
 }
