@@ -11,6 +11,13 @@ import matterhorn_pytorch as mth
 PACKAGE_BINARY_DIR = Path(mth._C.__file__).resolve().parent
 RUN_MODEL = PACKAGE_BINARY_DIR / "bin" / "matterhorn_run_model"
 
+# torch.compile caches compiled graphs across runs; ours call our ops, whose schemas can change
+# between builds: one cache per build of libmatterhorn.
+_library = next((PACKAGE_BINARY_DIR / "lib").glob("libmatterhorn.so*")).stat()
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    str(Path(__file__).resolve().parent.parent / "build" / f"inductor-cache-{_library.st_mtime_ns}-{_library.st_size}"))
+
 
 @pytest.fixture(autouse=True)
 def _seed():
