@@ -1,8 +1,8 @@
-// matterhorn_run_model MODEL.pt INPUT.pt [OUTPUT.pt]
-// matterhorn_run_model --threads N --seconds S MODEL.pt INPUT.pt
+// matterhorn_run_model MODEL INPUT.pt [OUTPUT.pt]
+// matterhorn_run_model --threads N --seconds S MODEL INPUT.pt
 //
-// Loads a TorchScript file saved from Python (torch.jit.save) in a program with no Python,
-// runs it on a tensor saved with torch.save, prints a one-line summary of the output and, if
+// Loads a model saved from Python (a TorchScript .pt or an AOTInductor .pt2, see model.h) in a
+// program with no Python, runs it on a tensor saved with torch.save, prints a one-line summary of the output and, if
 // asked, saves the output for torch.load. With --threads, N threads run the one loaded model
 // concurrently for S seconds and every output must equal the single-threaded one.
 #include <atomic>
@@ -16,10 +16,10 @@
 #include <thread>
 #include <vector>
 
-#include <torch/csrc/jit/serialization/import.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 
 #include "matterhorn/version.h"
+#include "model.h"
 
 namespace {
 
@@ -29,21 +29,18 @@ std::vector<char> read_file(const char* path) {
   return {std::istreambuf_iterator<char>(stream), std::istreambuf_iterator<char>()};
 }
 
-at::Tensor run(torch::jit::Module& model, const at::Tensor& input) {
-  c10::InferenceMode inference;
-  return model.forward({input}).toTensor();
-}
+using matterhorn::tools::Model;
 
 // N threads share one loaded model for `seconds`; returns how many outputs differed.
-int stress(torch::jit::Module& model, const at::Tensor& input, int threads, double seconds) {
-  const at::Tensor expected = run(model, input);
+int stress(Model& model, const at::Tensor& input, int threads, double seconds) {
+  const at::Tensor expected = model(input);
   std::atomic<int64_t> runs{0}, mismatches{0};
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
   std::vector<std::thread> workers;
   for (int i = 0; i < threads; ++i) {
     workers.emplace_back([&] {
       while (std::chrono::steady_clock::now() < deadline) {
-        if (!run(model, input).equal(expected)) ++mismatches;
+        if (!model(input).equal(expected)) ++mismatches;
         ++runs;
       }
     });
@@ -59,8 +56,7 @@ int stress(torch::jit::Module& model, const at::Tensor& input, int threads, doub
 int main(int argc, char** argv) {
   if (argc == 7 && std::strcmp(argv[1], "--threads") == 0 && std::strcmp(argv[3], "--seconds") == 0) {
     try {
-      torch::jit::Module model = torch::jit::load(argv[5]);
-      model.eval();
+      Model model(argv[5]);
       const at::Tensor input = torch::jit::pickle_load(read_file(argv[6])).toTensor();
       return stress(model, input, std::atoi(argv[2]), std::atof(argv[4])) == 0 ? 0 : 1;
     } catch (const std::exception& error) {
@@ -69,15 +65,14 @@ int main(int argc, char** argv) {
     }
   }
   if (argc < 3 || argc > 4) {
-    std::cerr << "usage: " << argv[0] << " MODEL.pt INPUT.pt [OUTPUT.pt]\n"
-              << "       " << argv[0] << " --threads N --seconds S MODEL.pt INPUT.pt\n";
+    std::cerr << "usage: " << argv[0] << " MODEL.pt|MODEL.pt2 INPUT.pt [OUTPUT.pt]\n"
+              << "       " << argv[0] << " --threads N --seconds S MODEL INPUT.pt\n";
     return 2;
   }
   try {
-    torch::jit::Module model = torch::jit::load(argv[1]);
-    model.eval();
+    Model model(argv[1]);
     const at::Tensor input = torch::jit::pickle_load(read_file(argv[2])).toTensor();
-    const at::Tensor output = run(model, input);
+    const at::Tensor output = model(input);
     // The same line the Python demo prints, so the two can be compared by eye.
     const at::Tensor flat = output.to(at::kDouble).flatten();
     std::printf("matterhorn %s C++: output %s sum=%.6f first=[", matterhorn::version().c_str(),

@@ -1,0 +1,37 @@
+"""torch.export of a conv + batchnorm + linear network with a dynamic T, packaged by AOTInductor
+to .pt2, loaded and run from C++ (AOTIModelPackageLoader) for two T values."""
+
+import torch
+import torch.nn as nn
+
+import matterhorn_pytorch as mth
+from conftest import run_model_in_cpp
+
+
+class ConvBNLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = mth.snn.Conv2d(2, 4, 3, padding=1)
+        self.bn = mth.snn.BatchNorm2d(4)
+        self.fc = mth.snn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(2))
+
+
+def test_pt2_with_dynamic_time_steps_runs_in_cpp(tmp_path):
+    model = ConvBNLinear()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, 2, 6, 6) * 2 + 1)
+    model.eval()
+    T = torch.export.Dim("T", min=2, max=64)
+    exported = torch.export.export(model, (torch.randn(4, 3, 2, 6, 6),), dynamic_shapes=({0: T},))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert {"matterhorn.conv.default", "matterhorn.linear.default"} <= targets
+    package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "model.pt2"))
+    for steps in (3, 9):
+        x = torch.randn(steps, 3, 2, 6, 6)
+        with torch.no_grad():
+            expected = model(x)
+        torch.testing.assert_close(run_model_in_cpp(package, x, tmp_path), expected, rtol=1e-4, atol=1e-5)
