@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The inference server's HTTP library, from Debian's packages.
+if [ ! -f /usr/include/httplib.h ] && command -v apt-get > /dev/null; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get install -y -q libcpp-httplib-dev > /dev/null ||
+    { $sudo apt-get update -q > /dev/null && $sudo apt-get install -y -q libcpp-httplib-dev > /dev/null; }
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
 fi
