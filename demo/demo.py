@@ -6,11 +6,13 @@ For a fully connected network and a convolutional one:
 3. the same weights in single-step mode give the same result step by step (in eval: BatchNorm
    with running statistics);
 4. it is exported with TorchScript and run by a C++ program (no Python), which prints the
-   same numbers.
+   same numbers;
+5. the exported network is served by matterhorn_serve (C++, HTTP on loopback) and queried.
 
     bash scripts/demo.sh          (or: .venv/bin/python demo/demo.py)
 """
 
+import http.client
 import subprocess
 import sys
 import warnings
@@ -25,6 +27,7 @@ import matterhorn_pytorch as mth
 T, B = 8, 32
 OUT_DIR = Path(__file__).resolve().parent.parent / "demo_out"
 RUN_MODEL = Path(mth._C.__file__).resolve().parent / "bin" / "matterhorn_run_model"
+SERVE = Path(mth._C.__file__).resolve().parent / "bin" / "matterhorn_serve"
 
 
 class LIF(mth.snn.Module):
@@ -164,7 +167,26 @@ def run_network(name, make, size) -> bool:
         return False
     difference = (torch.load(output_path) - multi).abs().max().item()
     print(f"    C++ vs Python: max |difference| = {difference:.3g}")
-    return difference < 1e-4
+    return difference < 1e-4 and query_server(model_path, spikes, multi)
+
+
+def query_server(model_path: Path, spikes: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Serve the exported model with matterhorn_serve and ask it for the same spike train."""
+    server = subprocess.Popen([str(SERVE), str(model_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline().rsplit(":", 1)[1])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("POST", "/infer", body=spikes.numpy().tobytes(),
+                           headers={"X-Shape": ",".join(map(str, spikes.shape)), "X-Dtype": "float32"})
+        response = connection.getresponse()
+        answer = torch.frombuffer(bytearray(response.read()), dtype=torch.float32).view(expected.shape)
+        difference = (answer - expected).abs().max().item()
+        print(f"[5] matterhorn_serve on 127.0.0.1:{port}: HTTP {response.status}, output {list(answer.shape)}, "
+              f"max |difference| vs Python = {difference:.3g}")
+        return response.status == 200 and difference < 1e-4
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def main() -> int:
