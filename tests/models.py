@@ -41,3 +41,16 @@ class NormNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.bn2d(self.conv(x))).flatten(2)
         return self.linear2(self.ln(torch.relu(self.bn1d(self.linear1(h)))))
+
+
+class ConvBNLinear(nn.Module):
+    """[T, B, 2, 6, 6] -> [T, B, 5]: conv, BatchNorm and linear, for export and serving."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = mth.snn.Conv2d(2, 4, 3, padding=1)
+        self.bn = mth.snn.BatchNorm2d(4)
+        self.fc = mth.snn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(2))

@@ -2,21 +2,9 @@
 AOTInductor to .pt2, loaded and run from C++ (AOTIModelPackageLoader) for two T and B values."""
 
 import torch
-import torch.nn as nn
 
-import matterhorn_pytorch as mth
 from conftest import run_model_in_cpp
-
-
-class ConvBNLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = mth.snn.Conv2d(2, 4, 3, padding=1)
-        self.bn = mth.snn.BatchNorm2d(4)
-        self.fc = mth.snn.Linear(4 * 6 * 6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(2))
+from models import ConvBNLinear
 
 
 def test_pt2_with_dynamic_time_and_batch_runs_in_cpp(tmp_path):

@@ -13,25 +13,13 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 
-import matterhorn_pytorch as mth
 from conftest import PACKAGE_BINARY_DIR
+from models import ConvBNLinear
 
 SERVE = PACKAGE_BINARY_DIR / "bin" / "matterhorn_serve"
 CLIENTS, REQUESTS = 8, 200
 MAX_BYTES = 1 << 20
-
-
-class ConvBNLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = mth.snn.Conv2d(2, 4, 3, padding=1)
-        self.bn = mth.snn.BatchNorm2d(4)
-        self.fc = mth.snn.Linear(4 * 6 * 6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(2))
 
 
 @pytest.fixture
