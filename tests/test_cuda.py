@@ -1,0 +1,94 @@
+"""Every layer on CUDA against torch.nn on the folded tensor (skipped without a GPU; run by
+scripts/gpu_check.sh). BatchNorm outputs are poisoned first, so an element a kernel never writes
+fails the comparison."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import matterhorn_pytorch as mth
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
+
+TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+             torch.float16: dict(rtol=1e-2, atol=1e-2)}
+
+
+def fold(layer, x):
+    return layer(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
+def compare(ours, reference, x, dtype, **kwargs):
+    x_ref = x.detach().clone().requires_grad_()
+    x = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), fold(reference, x_ref)
+    torch.testing.assert_close(y.float(), y_ref.float(), **TOLERANCE[dtype])
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), **TOLERANCE[dtype])
+    for (name, a), (_, b) in zip(ours.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), **TOLERANCE[dtype], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,kwargs,shape", [
+    ("Linear", dict(in_features=33, out_features=17), (3, 5, 33)),
+    ("Conv2d", dict(in_channels=3, out_channels=8, kernel_size=3, padding=1), (3, 4, 3, 9, 11)),
+    ("Conv1d", dict(in_channels=4, out_channels=6, kernel_size=4, padding="same", padding_mode="reflect", groups=2), (2, 3, 4, 13)),
+    ("Conv3d", dict(in_channels=2, out_channels=4, kernel_size=(1, 3, 3), padding=(0, 1, 1)), (2, 2, 2, 3, 7, 7)),
+    ("ConvTranspose2d", dict(in_channels=4, out_channels=2, kernel_size=3, stride=2, padding=1, output_padding=1), (2, 3, 4, 5, 6)),
+    ("LayerNorm", dict(normalized_shape=(5, 6)), (3, 2, 4, 5, 6)),
+])
+def test_synapses_on_cuda(name, kwargs, shape, dtype):
+    ours = getattr(mth.snn, name)(**kwargs, device="cuda", dtype=dtype)
+    reference = getattr(nn, name)(**kwargs, device="cuda", dtype=dtype)
+    reference.load_state_dict(ours.state_dict())
+    compare(ours, reference, torch.randn(shape, device="cuda", dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels,size,time_batch", [(1, (7, 5), (3, 2)), (3, (9, 11), (4, 3)), (300, (4, 4), (2, 3)),
+                                                      (64, (32, 32), (1, 1))])
+def test_batch_norm_2d_on_cuda(channels, size, time_batch, layout, dtype):
+    ours = mth.snn.BatchNorm2d(channels, device="cuda")
+    reference = nn.BatchNorm2d(channels, device="cuda")
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-0.5, 0.5)
+    reference.load_state_dict(ours.state_dict())
+    for _ in range(3):  # several steps: running statistics
+        x = torch.randn(*time_batch, *size, channels, device="cuda", dtype=dtype).movedim(-1, 2)
+        if layout == "contiguous":
+            x = x.contiguous()
+        compare(ours, reference, x, dtype)
+        torch.testing.assert_close(ours.running_mean, reference.running_mean, **TOLERANCE[dtype])
+        torch.testing.assert_close(ours.running_var, reference.running_var, **TOLERANCE[dtype])
+    assert int(ours.num_batches_tracked) == 3
+    ours.eval(), reference.eval()
+    x = torch.randn(1, 1, channels, *size, device="cuda", dtype=dtype)  # T*B = 1 in eval
+    torch.testing.assert_close(ours(x).float(), fold(reference, x).float(), **TOLERANCE[dtype])
+
+
+def test_batch_norm_kernels_write_every_element():
+    x = torch.randn(6, 5, 7, 3, device="cuda")
+    mean, var = torch.ops.matterhorn.batch_norm_stats(x, 2)
+    for _ in range(2):  # the caching allocator hands the poisoned block back to the op
+        poison = torch.full_like(x, float("nan"))
+        del poison
+        y = torch.ops.matterhorn.batch_norm_elemt(x, mean, var, None, None, 1e-5, 2)
+        assert torch.isfinite(y).all()
+        sum_dy, sum_dy_xmu = torch.ops.matterhorn.batch_norm_backward_reduce(x, x, mean, 2)
+        poison = torch.full_like(x, float("nan"))
+        del poison
+        dx = torch.ops.matterhorn.batch_norm_backward_elemt(x, x, mean, var, None, sum_dy, sum_dy_xmu, 1e-5, 3 * 7 * 3, 2)
+        assert torch.isfinite(dx).all()
+
+
+def test_per_step_batch_norm_on_cuda_equals_a_loop():
+    ours = mth.snn.BatchNorm1d(4, per_step=True, device="cuda")
+    reference = nn.BatchNorm1d(4, device="cuda")
+    x = torch.randn(5, 3, 4, 6, device="cuda")
+    torch.testing.assert_close(ours(x), torch.stack([reference(x[t]) for t in range(5)]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_var, reference.running_var, rtol=1e-4, atol=1e-4)
