@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 
 namespace matterhorn::ops::detail {
 
@@ -26,6 +27,21 @@ inline at::Tensor cast(const at::Tensor& t, at::ScalarType type) {
   return t.scalar_type() == type ? t : t.to(type);
 }
 inline at::Tensor dense(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
+// Count, mean and sum of squared deviations, merged with Chan's formula (numerically safe);
+// shared by the CPU and CUDA kernels.
+template <typename acc_t>
+struct Moments {
+  acc_t count = 0, mean = 0, m2 = 0;
+  C10_HOST_DEVICE void merge(acc_t n, acc_t other_mean, acc_t other_m2) {
+    if (n == 0) return;
+    const acc_t total = count + n;
+    const acc_t delta = other_mean - mean;
+    mean += delta * n / total;
+    m2 += other_m2 + delta * delta * count * n / total;
+    count = total;
+  }
+};
 
 // Dense with the channels innermost in memory ([N, *spatial, C]): channels_last and its 1-D/3-D kin.
 inline bool channels_innermost(const at::Tensor& t) {
@@ -44,6 +60,13 @@ struct BatchNormLayout {
   bool channels_last = false;
   int64_t count() const { return rows * inner; }  // values per (group, channel)
 };
+
+// A second tensor (dy) in the layout the input is walked in (no copy when it already is).
+inline at::Tensor like_layout(const at::Tensor& t, const BatchNormLayout& layout) {
+  const bool spatial = t.numel() != t.size(0) * t.size(1);
+  if (!layout.channels_last || !spatial) return dense(t);
+  return channels_innermost(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
+}
 
 // The layout of `input` (the folded [N, C, ...] tensor) and the tensor to walk: the input itself
 // when contiguous or channels_last, else a contiguous copy.

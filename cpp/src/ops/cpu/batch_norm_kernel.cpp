@@ -18,6 +18,8 @@
 namespace {
 
 using matterhorn::ops::detail::BatchNormLayout;
+using matterhorn::ops::detail::like_layout;
+using matterhorn::ops::detail::Moments;
 using matterhorn::ops::detail::cast;
 using matterhorn::ops::detail::channels_innermost;
 using matterhorn::ops::detail::dense;
@@ -28,26 +30,6 @@ constexpr int64_t kRowsPerChunk = 256;     // channels_last reductions: rows per
 constexpr int64_t kElementsPerTask = 32768;  // element-wise kernels: smallest parallel task
 
 // Count, mean and sum of squared deviations, merged with Chan's formula (numerically safe).
-template <typename acc_t>
-struct Moments {
-  acc_t count = 0, mean = 0, m2 = 0;
-  void merge(acc_t n, acc_t other_mean, acc_t other_m2) {
-    if (n == 0) return;
-    const acc_t total = count + n;
-    const acc_t delta = other_mean - mean;
-    mean += delta * n / total;
-    m2 += other_m2 + delta * delta * count * n / total;
-    count = total;
-  }
-};
-
-// A second tensor (dy) walked in the same layout as the input.
-at::Tensor like_layout(const at::Tensor& t, const BatchNormLayout& layout) {
-  const bool spatial = t.numel() != t.size(0) * t.size(1);
-  if (!layout.channels_last || !spatial) return dense(t);
-  return channels_innermost(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
-}
-
 int64_t chunks_of(int64_t rows) { return (rows + kRowsPerChunk - 1) / kRowsPerChunk; }
 
 template <typename scalar_t, typename acc_t>

@@ -20,6 +20,8 @@
 namespace {
 
 using matterhorn::ops::detail::BatchNormLayout;
+using matterhorn::ops::detail::like_layout;
+using matterhorn::ops::detail::Moments;
 using matterhorn::ops::detail::batch_norm_layout;
 using matterhorn::ops::detail::cast;
 using matterhorn::ops::detail::channels_innermost;
@@ -44,19 +46,6 @@ struct Walk {
 };
 
 Walk walk_of(const BatchNormLayout& l) { return {l.channels, l.rows, l.inner, l.channels_last}; }
-
-template <typename acc_t>
-struct Moments {
-  acc_t count, mean, m2;
-  __device__ void merge(acc_t n, acc_t other_mean, acc_t other_m2) {
-    if (n == 0) return;
-    const acc_t total = count + n;
-    const acc_t delta = other_mean - mean;
-    mean += delta * n / total;
-    m2 += other_m2 + delta * delta * count * n / total;
-    count = total;
-  }
-};
 
 // Stage 1: block (gc, split) -> the moments of its slice. Welford per thread, then a tree merge.
 template <typename scalar_t, typename acc_t>
@@ -185,12 +174,6 @@ __global__ void add_batches(int64_t* batches, int64_t groups) { *batches += grou
 int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8)); }
 
 int64_t splits_for(int64_t count) { return std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, count / (kThreads * 16))); }
-
-at::Tensor like_layout(const at::Tensor& t, const BatchNormLayout& layout) {
-  const bool spatial = t.numel() != t.size(0) * t.size(1);
-  if (!layout.channels_last || !spatial) return dense(t);
-  return channels_innermost(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
-}
 
 at::Tensor per_channel(const std::optional<at::Tensor>& t, const at::Tensor& input) {
   return t.has_value() && t->defined() ? dense(cast(*t, at::toOpMathType(input.scalar_type()))) : at::Tensor();
