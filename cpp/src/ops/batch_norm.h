@@ -41,6 +41,12 @@ struct Moments {
     m2 += other_m2 + delta * delta * count * n / total;
     count = total;
   }
+  C10_HOST_DEVICE void merge(const Moments& other) { merge(other.count, other.mean, other.m2); }
+  // mean and biased variance of (group, channel) `at`
+  C10_HOST_DEVICE void write(acc_t* means, acc_t* vars, int64_t at) const {
+    means[at] = mean;
+    vars[at] = m2 / count;
+  }
 };
 
 // Dense with the channels innermost in memory ([N, *spatial, C]): channels_last and its 1-D/3-D kin.

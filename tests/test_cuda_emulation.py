@@ -1,0 +1,157 @@
+"""BatchNorm's CUDA kernels and launch sequences, run on the CPU (tests/emulation): the very source
+that nvcc compiles, with each block's threads played as fibers. Inputs lie between NaN margins
+(a read past either end poisons the result), fresh memory is NaN (an unwritten output element
+fails) and allocations are fenced (a write past either end is counted). Compared against float64
+references. What this cannot show, a GPU run shows: tests/test_cuda.py, scripts/gpu_check.sh."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.utils.cpp_extension
+
+import matterhorn_pytorch as mth
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARY_DIR = Path(mth._C.__file__).resolve().parent / "lib"
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    build = ROOT / "build" / "emulation"
+    build.mkdir(parents=True, exist_ok=True)
+    torch.utils.cpp_extension.load(
+        name="matterhorn_emulated",
+        sources=[str(ROOT / "tests" / "emulation" / "batch_norm_on_cpu.cpp")],
+        extra_include_paths=[str(ROOT / "cpp" / "src"), str(ROOT / "cpp" / "include"), str(ROOT / "tests" / "emulation")],
+        extra_cflags=["-std=c++20", "-O1"],
+        extra_ldflags=[f"-L{LIBRARY_DIR}", "-lmatterhorn", f"-Wl,-rpath,{LIBRARY_DIR}"],
+        build_directory=str(build),
+        is_python_module=False,
+    )
+    ops = torch.ops.matterhorn_emulated
+    yield ops
+    assert ops.overruns() == 0, "a kernel wrote past the end of an allocation"
+
+
+TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
+             torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def fenced(shape, dtype, channels_last=False, misaligned=False):
+    """Normal values in a tensor whose storage has NaN on both sides (and, if misaligned, starts
+    one element off a 16-byte boundary)."""
+    stored = (shape[0], *shape[2:], shape[1]) if channels_last else shape
+    n, margin = math.prod(shape), 64 + (1 if misaligned else 0)
+    buffer = torch.full((n + 2 * margin,), float("nan"), dtype=dtype)
+    buffer[margin:margin + n] = torch.randn(n, dtype=torch.float64).to(dtype)
+    x = buffer[margin:margin + n].view(stored)
+    return x.movedim(-1, 1) if channels_last else x
+
+
+def per_group(t, groups):
+    """[N, C, ...] -> float64 [G, C, values]."""
+    n, c = t.shape[:2]
+    return t.double().reshape(groups, n // groups, c, -1).transpose(1, 2).reshape(groups, c, -1)
+
+
+CASES = [  # folded shape [N, C, ...], groups, channels_last, misaligned
+    ((6, 5, 7, 3), 1, False, False),
+    ((6, 5, 7, 3), 2, False, False),
+    ((6, 5, 7, 3), 3, True, False),
+    ((8, 3, 16), 1, False, False),
+    ((8, 3, 16), 4, False, True),
+    ((4, 8, 16, 16), 1, False, False),
+    ((4, 8, 16, 16), 2, True, False),
+    ((10, 1, 9), 1, False, False),
+    ((10, 1), 1, False, False),
+    ((3, 300, 4), 1, True, False),
+    ((3, 300, 4), 3, False, False),
+    ((12, 1030), 2, False, False),
+    ((16, 1024), 1, False, False),
+    ((16, 1024), 1, False, True),
+    ((2, 16, 2, 2, 2), 1, True, False),
+    ((2, 2, 128, 128), 1, False, False),  # rows and a row's vectors both split over blocks
+    ((1, 3, 64, 96), 1, False, False),  # T*B = 1
+]
+
+
+@pytest.mark.parametrize("multiprocessors", [1, 132])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape,groups,channels_last,misaligned", CASES)
+def test_kernels_match_float64(emulated, shape, groups, channels_last, misaligned, dtype, multiprocessors):
+    if channels_last and len(shape) < 3:
+        pytest.skip("no spatial size")
+    x = fenced(shape, dtype, channels_last, misaligned)
+    dy = fenced(shape, dtype, channels_last)
+    channels = shape[1]
+    weight = torch.rand(channels, dtype=torch.float64) + 0.5
+    bias = torch.randn(channels, dtype=torch.float64)
+    param_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    w, b = weight.to(param_dtype), bias.to(param_dtype)
+    eps = 1e-5
+
+    mean, var = emulated.batch_norm_stats(x, groups, multiprocessors)
+    xs = per_group(x, groups)
+    torch.testing.assert_close(mean.double(), xs.mean(-1), **TOLERANCE[torch.float32])
+    torch.testing.assert_close(var.double(), xs.var(-1, unbiased=False), **TOLERANCE[torch.float32])
+
+    y = emulated.batch_norm_elemt(x, mean, var, w, b, eps, groups, multiprocessors)
+    assert y.dtype == dtype and y.shape == x.shape
+    invstd = (var.double() + eps).rsqrt()
+    expected = (xs - mean.double()[..., None]) * invstd[..., None] * weight[:, None] + bias[:, None]
+    torch.testing.assert_close(per_group(y, groups), expected, **TOLERANCE[dtype])
+
+    sum_dy, sum_dy_xmu = emulated.batch_norm_backward_reduce(dy, x, mean, groups, multiprocessors)
+    dys = per_group(dy, groups)
+    torch.testing.assert_close(sum_dy.double(), dys.sum(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sum_dy_xmu.double(), (dys * (xs - mean.double()[..., None])).sum(-1), rtol=1e-4, atol=1e-4)
+
+    count = xs.shape[-1]
+    dx = emulated.batch_norm_backward_elemt(dy, x, mean, var, w, sum_dy, sum_dy_xmu, eps, count, groups, multiprocessors)
+    expected = ((dys - sum_dy.double()[..., None] / count
+                 - (xs - mean.double()[..., None]) * invstd[..., None] ** 2 * sum_dy_xmu.double()[..., None] / count)
+                * invstd[..., None] * weight[:, None])
+    torch.testing.assert_close(per_group(dx, groups), expected, **TOLERANCE[dtype])
+
+
+def test_without_weight_and_bias(emulated):
+    x = fenced((5, 4, 6), torch.float32)
+    mean, var = emulated.batch_norm_stats(x, 1, 1)
+    y = emulated.batch_norm_elemt(x, mean, var, None, None, 1e-3, 1, 1)
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-3))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_match_the_cpu_kernel(emulated, momentum):
+    mean, var = torch.randn(3, 7).abs(), torch.rand(3, 7) + 0.1
+    state = [torch.randn(7), torch.rand(7) + 0.5, torch.tensor(4)]
+    ours = [t.clone() for t in state]
+    emulated.batch_norm_update_stats(mean, var, 20, *ours, momentum)
+    torch.ops.matterhorn.batch_norm_update_stats(mean, var, 20, *state, momentum)
+    for a, b in zip(ours, state):
+        torch.testing.assert_close(a, b)
+    assert int(ours[2]) == 7
+
+
+def test_the_grid_fills_the_card_on_the_anchor_cases(emulated):
+    """The plans for ANCHORS.md's 1 GiB case on an H200 (132 SMs): several waves of blocks, each
+    thread streaming many 16-byte vectors, grid dimensions within the hardware's limits."""
+    for shape, channels_last in [((256, 64, 128, 128), False), ((256, 64, 128, 128), True), ((256, 128, 32, 32), False)]:
+        x = torch.empty(shape, device="meta")
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        grid_x, grid_y, grid_z, lanes, splits = emulated.tiling(x, 1, 4, 132)
+        blocks = grid_x * grid_y * grid_z
+        assert blocks >= 132 * 8, (shape, blocks)
+        assert x.numel() / 4 / (blocks * 256) >= 4, (shape, blocks)
+        assert grid_y <= 65535 and grid_z <= 65535
+
+
+def test_huge_row_counts_stay_within_the_grid(emulated):
+    x = torch.empty(1 << 26, 4, 2, 2, device="meta").to(memory_format=torch.channels_last)
+    grid_x, grid_y, grid_z, lanes, splits = emulated.tiling(x, 1, 4, 100000)
+    assert grid_y <= 65535 and splits == grid_y
+    x = torch.empty(1 << 20, 3, 4, 4, device="meta")
+    assert emulated.tiling(x, 1, 4, 100000)[1] <= 65535
