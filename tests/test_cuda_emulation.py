@@ -123,10 +123,11 @@ def test_without_weight_and_bias(emulated):
     torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_running_statistics_match_the_cpu_kernel(emulated, momentum):
-    mean, var = torch.randn(3, 7).abs(), torch.rand(3, 7) + 0.1
-    state = [torch.randn(7), torch.rand(7) + 0.5, torch.tensor(4)]
+def test_running_statistics_match_the_cpu_kernel(emulated, momentum, dtype):
+    mean, var = torch.randn(3, 7, dtype=dtype).abs(), torch.rand(3, 7, dtype=dtype) + 0.1
+    state = [torch.randn(7, dtype=dtype), torch.rand(7, dtype=dtype) + 0.5, torch.tensor(4)]
     ours = [t.clone() for t in state]
     emulated.batch_norm_update_stats(mean, var, 20, *ours, momentum)
     torch.ops.matterhorn.batch_norm_update_stats(mean, var, 20, *state, momentum)

@@ -171,12 +171,19 @@ __device__ __forceinline__ ThreadSlice slice_of(const Tiling& t) {
   return s;
 }
 
-// Calls f(offset) for each vector of the thread's slice.
+// Calls f(offset) for each vector of the thread's slice. Unrolled, so that several loads are in
+// flight per thread (the kernels' pointers are __restrict__, so loads may pass stores).
 template <int VEC, typename F>
-__device__ __forceinline__ void for_each_vector(const ThreadSlice& s, F&& f) {
+__device__ __forceinline__ void for_each_vector(const Tiling& t, const ThreadSlice& s, F&& f) {
   if (!s.active) return;
+  if (t.along_channels) {  // one vector per row
+#pragma unroll 4
+    for (int64_t r = s.row; r < s.row_end; r += blockDim.y) f(s.base + r * s.row_stride);
+    return;
+  }
   for (int64_t r = s.row; r < s.row_end; r += blockDim.y) {
     const int64_t row = s.base + r * s.row_stride;
+#pragma unroll 4
     for (int64_t v = s.vector; v < s.vector_end; v += s.vector_step) f(row + v * VEC);
   }
 }
@@ -221,10 +228,11 @@ __device__ __forceinline__ void write_partials(T (&slots)[VEC], const Tiling& t,
 // Stage 1 of batch_norm_stats: count, mean and m2 per slot (Welford; the slots share the count,
 // so one division serves a whole vector).
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads) moments_kernel(const scalar_t* x, Tiling t, Moments<acc_t>* partial) {
+__global__ void __launch_bounds__(kThreads) moments_kernel(const scalar_t* __restrict__ x, Tiling t,
+                                                           Moments<acc_t>* __restrict__ partial) {
   const ThreadSlice s = slice_of<VEC>(t);
   acc_t n = 0, mean[VEC] = {}, m2[VEC] = {};
-  for_each_vector<VEC>(s, [&](int64_t at) {
+  for_each_vector<VEC>(t, s, [&](int64_t at) {
     const Pack<scalar_t, VEC> v = load<VEC>(x + at);
     n += 1;
     const acc_t inverse_n = acc_t(1) / n;
@@ -242,13 +250,14 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(const scalar_t* x, Ti
 
 // Stage 1 of batch_norm_backward_reduce.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads) sums_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* mean,
-                                                        Tiling t, Sums<acc_t>* partial) {
+__global__ void __launch_bounds__(kThreads) sums_kernel(const scalar_t* __restrict__ dy,
+                                                        const scalar_t* __restrict__ x, const acc_t* mean, Tiling t,
+                                                        Sums<acc_t>* __restrict__ partial) {
   const ThreadSlice s = slice_of<VEC>(t);
   Sums<acc_t> slots[VEC];
   acc_t mu[VEC];
   for (int k = 0; k < VEC; ++k) mu[k] = s.active ? mean[s.group * t.channels + s.channel + k * s.channel_step] : acc_t(0);
-  for_each_vector<VEC>(s, [&](int64_t at) {
+  for_each_vector<VEC>(t, s, [&](int64_t at) {
     const Pack<scalar_t, VEC> d = load<VEC>(dy + at), v = load<VEC>(x + at);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -281,7 +290,8 @@ __global__ void __launch_bounds__(kThreads) merge_partials_kernel(const T* parti
 
 // y = (x - mean) * invstd * w + b
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads) elemt_kernel(const scalar_t* x, scalar_t* y, Tiling t, const acc_t* mean,
+__global__ void __launch_bounds__(kThreads) elemt_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Tiling t,
+                                                         const acc_t* mean,
                                                          const acc_t* var, const acc_t* weight, const acc_t* bias,
                                                          acc_t eps) {
   const ThreadSlice s = slice_of<VEC>(t);
@@ -293,7 +303,7 @@ __global__ void __launch_bounds__(kThreads) elemt_kernel(const scalar_t* x, scal
     scale[k] = (weight ? weight[c] : acc_t(1)) * inverse_sqrt(var[gc] + eps);
     shift[k] = bias ? bias[c] : acc_t(0);
   }
-  for_each_vector<VEC>(s, [&](int64_t at) {
+  for_each_vector<VEC>(t, s, [&](int64_t at) {
     const Pack<scalar_t, VEC> v = load<VEC>(x + at);
     Pack<scalar_t, VEC> out;
 #pragma unroll
@@ -307,7 +317,8 @@ __global__ void __launch_bounds__(kThreads) elemt_kernel(const scalar_t* x, scal
 // dx = (dy - sum_dy / n) * invstd * w - (x - mean) * invstd^3 * w * sum_dy_xmu / n
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads) backward_elemt_kernel(
-    const scalar_t* dy, const scalar_t* x, scalar_t* dx, Tiling t, const acc_t* mean, const acc_t* var,
+    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx, Tiling t,
+    const acc_t* mean, const acc_t* var,
     const acc_t* weight, const acc_t* sum_dy, const acc_t* sum_dy_xmu, acc_t eps, acc_t count) {
   const ThreadSlice s = slice_of<VEC>(t);
   if (!s.active) return;
@@ -320,7 +331,7 @@ __global__ void __launch_bounds__(kThreads) backward_elemt_kernel(
     scale[k] = invstd * (weight ? weight[c] : acc_t(1));
     xmu_scale[k] = scale[k] * invstd * invstd * sum_dy_xmu[gc] / count;
   }
-  for_each_vector<VEC>(s, [&](int64_t at) {
+  for_each_vector<VEC>(t, s, [&](int64_t at) {
     const Pack<scalar_t, VEC> d = load<VEC>(dy + at), v = load<VEC>(x + at);
     Pack<scalar_t, VEC> out;
 #pragma unroll
@@ -334,17 +345,17 @@ __global__ void __launch_bounds__(kThreads) backward_elemt_kernel(
 
 // Running statistics, group by group in time order, and num_batches_tracked, on the device (one
 // block: the counter is read by every channel before it is advanced).
-template <typename scalar_t>
+template <typename scalar_t, typename stat_t>
 __global__ void __launch_bounds__(kThreads) update_stats_kernel(
-    const double* mean, const double* var, int64_t groups, int64_t channels, double count, scalar_t* running_mean,
+    const stat_t* mean, const stat_t* var, int64_t groups, int64_t channels, double count, scalar_t* running_mean,
     scalar_t* running_var, int64_t* batches, double momentum, bool cumulative) {
   const int64_t before = batches ? *batches : 0;
   for (int64_t c = threadIdx.x; c < channels; c += blockDim.x) {
     for (int64_t g = 0; g < groups; ++g) {
       const double factor = cumulative ? 1.0 / static_cast<double>(before + g + 1) : momentum;
       const double m = static_cast<double>(running_mean[c]), v = static_cast<double>(running_var[c]);
-      running_mean[c] = static_cast<scalar_t>((1 - factor) * m + factor * mean[g * channels + c]);
-      running_var[c] = static_cast<scalar_t>((1 - factor) * v + factor * var[g * channels + c] * count / (count - 1));
+      running_mean[c] = static_cast<scalar_t>((1 - factor) * m + factor * static_cast<double>(mean[g * channels + c]));
+      running_var[c] = static_cast<scalar_t>((1 - factor) * v + factor * static_cast<double>(var[g * channels + c]) * count / (count - 1));
     }
   }
   __syncthreads();
@@ -507,13 +518,19 @@ void launch_update_stats(const at::Tensor& mean, const at::Tensor& var, int64_t 
   TORCH_CHECK_VALUE(mean.dim() == 2 && mean.size(1) == channels && var.sizes() == mean.sizes(),
                     "batch_norm_update_stats: expected mean and var [G, C], got ", mean.sizes(), " and ", var.sizes());
   const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  const at::Tensor m = detail::dense(detail::cast(mean, at::kDouble)), v = detail::dense(detail::cast(var, at::kDouble));
+  // float statistics stay float (no cast kernels); the update itself runs in double
+  const auto stat_type = mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor m = detail::dense(detail::cast(mean, stat_type)), v = detail::dense(detail::cast(var, stat_type));
   int64_t* batches = tracked ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "batch_norm_update_stats", [&] {
-    launch(update_stats_kernel<scalar_t>, dim3(1), dim3(kThreads), m.const_data_ptr<double>(),
-           v.const_data_ptr<double>(), mean.size(0), channels, static_cast<double>(count),
-           running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), batches, momentum.value_or(0.0),
-           !momentum.has_value() && tracked);
+    const auto run = [&](auto stat) {
+      using stat_t = decltype(stat);
+      launch(update_stats_kernel<scalar_t, stat_t>, dim3(1), dim3(kThreads), m.const_data_ptr<stat_t>(),
+             v.const_data_ptr<stat_t>(), mean.size(0), channels, static_cast<double>(count),
+             running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), batches, momentum.value_or(0.0),
+             !momentum.has_value() && tracked);
+    };
+    stat_type == at::kDouble ? run(double{}) : run(float{});
   });
 }
 
