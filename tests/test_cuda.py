@@ -18,17 +18,18 @@ def fold(layer, x):
     return layer(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
 
-def compare(ours, reference, x, dtype, **kwargs):
+def compare(ours, reference, x, dtype, tolerance=None):
+    tolerance = tolerance or TOLERANCE[dtype]
     x_ref = x.detach().clone().requires_grad_()
     x = x.detach().clone().requires_grad_()
     y, y_ref = ours(x), fold(reference, x_ref)
-    torch.testing.assert_close(y.float(), y_ref.float(), **TOLERANCE[dtype])
+    torch.testing.assert_close(y.float(), y_ref.float(), **tolerance)
     grad = torch.randn_like(y)
     y.backward(grad)
     y_ref.backward(grad)
-    torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), **TOLERANCE[dtype])
+    torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), **tolerance)
     for (name, a), (_, b) in zip(ours.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(a.grad.float(), b.grad.float(), **TOLERANCE[dtype], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), **tolerance, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -92,3 +93,37 @@ def test_per_step_batch_norm_on_cuda_equals_a_loop():
     x = torch.randn(5, 3, 4, 6, device="cuda")
     torch.testing.assert_close(ours(x), torch.stack([reference(x[t]) for t in range(5)]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours.running_var, reference.running_var, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_on_a_large_tensor(layout, dtype):
+    """Many blocks per channel: rows and a row's vectors split over the grid, partial results merged."""
+    ours = mth.snn.BatchNorm2d(32, device="cuda")
+    reference = nn.BatchNorm2d(32, device="cuda")
+    x = torch.randn(8, 16, 96, 96, 32, device="cuda", dtype=dtype).movedim(-1, 2) * 3 + 2
+    if layout == "contiguous":
+        x = x.contiguous()
+    # sums over a million values in float32 on both sides: 1e-3
+    compare(ours, reference, x, dtype, dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else None)
+    torch.testing.assert_close(ours.running_var, reference.running_var, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_per_step_batch_norm_2d_on_cuda_equals_a_loop(layout):
+    ours = mth.snn.BatchNorm2d(6, per_step=True, device="cuda")
+    reference = nn.BatchNorm2d(6, device="cuda")
+    x = torch.randn(4, 3, 9, 7, 6, device="cuda").movedim(-1, 2)
+    if layout == "contiguous":
+        x = x.contiguous()
+    x_ref = x.detach().clone().requires_grad_()
+    x = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), torch.stack([reference(x_ref[t]) for t in range(4)])
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_mean, reference.running_mean, rtol=1e-4, atol=1e-4)
+    assert int(ours.num_batches_tracked) == 4 == int(reference.num_batches_tracked)

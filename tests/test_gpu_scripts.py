@@ -1,0 +1,45 @@
+"""The GPU machine's one command (scripts/gpu_check.sh) and its benchmark, checked here on the CPU
+so that the short device time goes to measuring, not to fixing the scripts."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_benchmark_runs_every_case_in_its_smoke_mode():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    labels = [case.label for case in load_bench().CASES]
+    assert [row.split(" | ")[0][2:] for row in rows] == labels
+    for row in rows:
+        ours, torch_ms, ratio = (float(cell) for cell in row.split(" | ")[1:4])
+        assert ours > 0 and torch_ms > 0 and ratio > 0
+
+
+def test_goals_are_judged_from_ratio_and_floor_share():
+    bench = load_bench()
+    case = bench.Case("bn", None, None, (1,), max_ratio=1 / 3.5, min_floor_share=0.8, passes=8)
+    assert bench.goal_text(case, 0.25, 0.85).endswith(": met")
+    assert bench.goal_text(case, 0.30, 0.85).endswith(": MISSED")
+    assert bench.goal_text(case, 0.25, 0.79).endswith(": MISSED")
+    assert bench.goal_text(bench.Case("ln", None, None, (1,), passes=5), 1.0, 0.1) == ""
+
+
+def test_the_gpu_check_script_parses_and_refuses_a_machine_without_a_gpu(tmp_path):
+    script = ROOT / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(tmp_path)})
+    assert result.returncode != 0 and "no CUDA GPU" in result.stderr + result.stdout
