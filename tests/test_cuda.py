@@ -2,13 +2,19 @@
 scripts/gpu_check.sh). BatchNorm outputs are poisoned first, so an element a kernel never writes
 fails the comparison."""
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
 
 import matterhorn_pytorch as mth
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
+# MATTERHORN_TEST_DEVICE=cpu runs this file on the CPU, which checks the tests themselves
+# (tests/test_gpu_scripts.py does, so that GPU time is not spent fixing them).
+DEVICE = os.environ.get("MATTERHORN_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (scripts/gpu_check.sh)")
 
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
              torch.float16: dict(rtol=1e-2, atol=1e-2)}
@@ -42,10 +48,10 @@ def compare(ours, reference, x, dtype, tolerance=None):
     ("LayerNorm", dict(normalized_shape=(5, 6)), (3, 2, 4, 5, 6)),
 ])
 def test_synapses_on_cuda(name, kwargs, shape, dtype):
-    ours = getattr(mth.snn, name)(**kwargs, device="cuda", dtype=dtype)
-    reference = getattr(nn, name)(**kwargs, device="cuda", dtype=dtype)
+    ours = getattr(mth.snn, name)(**kwargs, device=DEVICE, dtype=dtype)
+    reference = getattr(nn, name)(**kwargs, device=DEVICE, dtype=dtype)
     reference.load_state_dict(ours.state_dict())
-    compare(ours, reference, torch.randn(shape, device="cuda", dtype=dtype), dtype)
+    compare(ours, reference, torch.randn(shape, device=DEVICE, dtype=dtype), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -53,14 +59,14 @@ def test_synapses_on_cuda(name, kwargs, shape, dtype):
 @pytest.mark.parametrize("channels,size,time_batch", [(1, (7, 5), (3, 2)), (3, (9, 11), (4, 3)), (300, (4, 4), (2, 3)),
                                                       (64, (32, 32), (1, 1))])
 def test_batch_norm_2d_on_cuda(channels, size, time_batch, layout, dtype):
-    ours = mth.snn.BatchNorm2d(channels, device="cuda")
-    reference = nn.BatchNorm2d(channels, device="cuda")
+    ours = mth.snn.BatchNorm2d(channels, device=DEVICE)
+    reference = nn.BatchNorm2d(channels, device=DEVICE)
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5)
         ours.bias.uniform_(-0.5, 0.5)
     reference.load_state_dict(ours.state_dict())
     for _ in range(3):  # several steps: running statistics
-        x = torch.randn(*time_batch, *size, channels, device="cuda", dtype=dtype).movedim(-1, 2)
+        x = torch.randn(*time_batch, *size, channels, device=DEVICE, dtype=dtype).movedim(-1, 2)
         if layout == "contiguous":
             x = x.contiguous()
         compare(ours, reference, x, dtype)
@@ -68,12 +74,12 @@ def test_batch_norm_2d_on_cuda(channels, size, time_batch, layout, dtype):
         torch.testing.assert_close(ours.running_var, reference.running_var, **TOLERANCE[dtype])
     assert int(ours.num_batches_tracked) == 3
     ours.eval(), reference.eval()
-    x = torch.randn(1, 1, channels, *size, device="cuda", dtype=dtype)  # T*B = 1 in eval
+    x = torch.randn(1, 1, channels, *size, device=DEVICE, dtype=dtype)  # T*B = 1 in eval
     torch.testing.assert_close(ours(x).float(), fold(reference, x).float(), **TOLERANCE[dtype])
 
 
 def test_batch_norm_kernels_write_every_element():
-    x = torch.randn(6, 5, 7, 3, device="cuda")
+    x = torch.randn(6, 5, 7, 3, device=DEVICE)
     mean, var = torch.ops.matterhorn.batch_norm_stats(x, 2)
     for _ in range(2):  # the caching allocator hands the poisoned block back to the op
         poison = torch.full_like(x, float("nan"))
@@ -88,9 +94,9 @@ def test_batch_norm_kernels_write_every_element():
 
 
 def test_per_step_batch_norm_on_cuda_equals_a_loop():
-    ours = mth.snn.BatchNorm1d(4, per_step=True, device="cuda")
-    reference = nn.BatchNorm1d(4, device="cuda")
-    x = torch.randn(5, 3, 4, 6, device="cuda")
+    ours = mth.snn.BatchNorm1d(4, per_step=True, device=DEVICE)
+    reference = nn.BatchNorm1d(4, device=DEVICE)
+    x = torch.randn(5, 3, 4, 6, device=DEVICE)
     torch.testing.assert_close(ours(x), torch.stack([reference(x[t]) for t in range(5)]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours.running_var, reference.running_var, rtol=1e-4, atol=1e-4)
 
@@ -99,9 +105,9 @@ def test_per_step_batch_norm_on_cuda_equals_a_loop():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_batch_norm_on_a_large_tensor(layout, dtype):
     """Many blocks per channel: rows and a row's vectors split over the grid, partial results merged."""
-    ours = mth.snn.BatchNorm2d(32, device="cuda")
-    reference = nn.BatchNorm2d(32, device="cuda")
-    x = torch.randn(8, 16, 96, 96, 32, device="cuda", dtype=dtype).movedim(-1, 2) * 3 + 2
+    ours = mth.snn.BatchNorm2d(32, device=DEVICE)
+    reference = nn.BatchNorm2d(32, device=DEVICE)
+    x = torch.randn(8, 16, 96, 96, 32, device=DEVICE, dtype=dtype).movedim(-1, 2) * 3 + 2
     if layout == "contiguous":
         x = x.contiguous()
     # sums over a million values in float32 on both sides: 1e-3
@@ -111,9 +117,9 @@ def test_batch_norm_on_a_large_tensor(layout, dtype):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_per_step_batch_norm_2d_on_cuda_equals_a_loop(layout):
-    ours = mth.snn.BatchNorm2d(6, per_step=True, device="cuda")
-    reference = nn.BatchNorm2d(6, device="cuda")
-    x = torch.randn(4, 3, 9, 7, 6, device="cuda").movedim(-1, 2)
+    ours = mth.snn.BatchNorm2d(6, per_step=True, device=DEVICE)
+    reference = nn.BatchNorm2d(6, device=DEVICE)
+    x = torch.randn(4, 3, 9, 7, 6, device=DEVICE).movedim(-1, 2)
     if layout == "contiguous":
         x = x.contiguous()
     x_ref = x.detach().clone().requires_grad_()

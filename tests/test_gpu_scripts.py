@@ -2,6 +2,7 @@
 so that the short device time goes to measuring, not to fixing the scripts."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,12 @@ def test_the_gpu_check_script_parses_and_refuses_a_machine_without_a_gpu(tmp_pat
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
                             env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(tmp_path)})
     assert result.returncode != 0 and "no CUDA GPU" in result.stderr + result.stdout
+
+
+def test_the_cuda_tests_pass_on_the_cpu():
+    """tests/test_cuda.py's own code (references, tolerances, shapes) is right where our CPU kernels run."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py")],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env=dict(os.environ, MATTERHORN_TEST_DEVICE="cpu"))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout
