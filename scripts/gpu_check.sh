@@ -2,7 +2,8 @@
 # One command for a GPU machine (H100/H200, its own torch, no network): builds for sm_90 only,
 # runs the CUDA tests, runs the GPU benchmark, prints a short table last; about 5 minutes.
 # Uses the machine's python and torch (not .venv): pip install --no-build-isolation --no-deps -e .
-# Full logs go to $OUT (the device tool's folder) or build/gpu_check.
+# Full logs go to $OUT (the device tool's folder) or build/gpu_check. SANITIZE=1 adds
+# compute-sanitizer's memcheck and racecheck over BatchNorm's kernels (a few minutes more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -13,11 +14,19 @@ mkdir -p "$OUT_DIR"
 start=$SECONDS
 "$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU"; print(torch.__version__, torch.cuda.get_device_name())'
 timeout 300 "$PY" -m pip install --no-build-isolation --no-deps -e . \
-  -C cmake.define.MATTERHORN_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST" -C build-dir=build/gpu > "$OUT_DIR/build.txt" 2>&1 \
+  -C cmake.define.MATTERHORN_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST" -C cmake.define.MATTERHORN_BUILD_TOOLS=OFF \
+  -C build-dir=build/gpu > "$OUT_DIR/build.txt" 2>&1 \
   || { tail -n 40 "$OUT_DIR/build.txt"; exit 1; }
 echo "gpu_check: built in $((SECONDS - start)) s"
 # every test, not -x: one run should show every failure
 timeout 240 "$PY" -m pytest -q -rf tests/test_cuda.py > "$OUT_DIR/cuda_tests.txt" 2>&1 || true
 tail -n 25 "$OUT_DIR/cuda_tests.txt"
+if [ "${SANITIZE:-0}" = 1 ]; then
+  for tool in memcheck racecheck; do
+    timeout 180 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -q -x tests/test_cuda.py \
+      -k "write_every_element or per_step_batch_norm_2d" > "$OUT_DIR/$tool.txt" 2>&1 \
+      && echo "gpu_check: $tool clean" || { echo "gpu_check: $tool found something:"; tail -n 15 "$OUT_DIR/$tool.txt"; }
+  done
+fi
 timeout 240 "$PY" bench/bench_gpu.py 2>&1 | tee "$OUT_DIR/bench_gpu.txt"
 echo "gpu_check: done in $((SECONDS - start)) s"
