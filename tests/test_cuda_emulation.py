@@ -5,6 +5,8 @@ fails) and allocations are fenced (a write past either end is counted). Compared
 references. What this cannot show, a GPU run shows: tests/test_cuda.py, scripts/gpu_check.sh."""
 
 import math
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,8 @@ LIBRARY_DIR = Path(mth._C.__file__).resolve().parent / "lib"
 def emulated():
     build = ROOT / "build" / "emulation"
     build.mkdir(parents=True, exist_ok=True)
+    # ninja from the environment's own bin (pip's ninja), whether or not it is activated
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     torch.utils.cpp_extension.load(
         name="matterhorn_emulated",
         sources=[str(ROOT / "tests" / "emulation" / "batch_norm_on_cpu.cpp")],
@@ -123,10 +127,11 @@ def test_without_weight_and_bias(emulated):
     torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-3))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_running_statistics_match_the_cpu_kernel(emulated, momentum, dtype):
-    mean, var = torch.randn(3, 7, dtype=dtype).abs(), torch.rand(3, 7, dtype=dtype) + 0.1
+    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the statistics' accumulation type
+    mean, var = torch.randn(3, 7, dtype=stat_dtype).abs(), torch.rand(3, 7, dtype=stat_dtype) + 0.1
     state = [torch.randn(7, dtype=dtype), torch.rand(7, dtype=dtype) + 0.5, torch.tensor(4)]
     ours = [t.clone() for t in state]
     emulated.batch_norm_update_stats(mean, var, 20, *ours, momentum)
