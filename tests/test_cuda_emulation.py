@@ -161,3 +161,23 @@ def test_huge_row_counts_stay_within_the_grid(emulated):
     assert grid_y <= 65535 and splits == grid_y
     x = torch.empty(1 << 20, 3, 4, 4, device="meta")
     assert emulated.tiling(x, 1, 4, 100000)[1] <= 65535
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last,misaligned", [(False, False), (True, False), (False, True)])
+def test_a_training_step_moves_the_tensor_eight_times_in_16_byte_vectors(emulated, channels_last, misaligned, dtype):
+    """The 8-pass floor of ANCHORS.md, by design: statistics read x; normalize reads x, writes y;
+    the backward reduction reads dy and x; the input gradient reads dy and x, writes dx. Each
+    access is one 16-byte vector, unless the input's start is not 16-byte aligned."""
+    shape = (4, 8, 16, 16)
+    x, dy = fenced(shape, dtype, channels_last, misaligned), fenced(shape, dtype, channels_last)
+    emulated.take_traffic()
+    mean, var = emulated.batch_norm_stats(x, 1, 4)
+    emulated.batch_norm_elemt(x, mean, var, None, None, 1e-5, 1, 4)
+    sum_dy, sum_dy_xmu = emulated.batch_norm_backward_reduce(dy, x, mean, 1, 4)
+    emulated.batch_norm_backward_elemt(dy, x, mean, var, None, sum_dy, sum_dy_xmu, 1e-5, 4 * 16 * 16, 1, 4)
+    loaded, stored, loads, stores = emulated.take_traffic()
+    tensor_bytes = x.numel() * x.element_size()
+    assert (loaded, stored) == (6 * tensor_bytes, 2 * tensor_bytes)
+    access_bytes = x.element_size() if misaligned else 16
+    assert (loaded, stored) == (access_bytes * loads, access_bytes * stores)

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <utility>
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -119,6 +120,13 @@ std::vector<int64_t> tiling(const at::Tensor& input, int64_t groups, int64_t vec
 
 int64_t overruns() { return overrun_count.load(); }
 
+// Bytes loaded and stored by the kernels' vector accesses since the last call, and the number of
+// loads and stores; then zeroes them.
+std::vector<int64_t> take_traffic() {
+  const cuda_on_cpu::Traffic t = std::exchange(cuda_on_cpu::traffic, {});
+  return {t.loaded, t.stored, t.loads, t.stores};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(matterhorn_emulated, m) {
@@ -133,6 +141,7 @@ TORCH_LIBRARY(matterhorn_emulated, m) {
         "Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, float? momentum) -> ()");
   m.def("tiling(Tensor input, int groups, int vec, int multiprocessors) -> int[]");
   m.def("overruns() -> int");
+  m.def("take_traffic() -> int[]");
   m.impl("batch_norm_stats", c10::DispatchKey::CPU, &stats);
   m.impl("batch_norm_elemt", c10::DispatchKey::CPU, &elemt);
   m.impl("batch_norm_backward_reduce", c10::DispatchKey::CPU, &backward_reduce);
@@ -141,4 +150,5 @@ TORCH_LIBRARY(matterhorn_emulated, m) {
   m.impl("tiling", c10::DispatchKey::CPU, &tiling);
   m.impl("tiling", c10::DispatchKey::Meta, &tiling);
   m.impl("overruns", &overruns);
+  m.impl("take_traffic", &take_traffic);
 }

@@ -27,8 +27,20 @@ struct dim3 {
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define MATTERHORN_COUNT_TRAFFIC(bytes, is_store) cuda_on_cpu::count_traffic(bytes, is_store)
 
 namespace cuda_on_cpu {
+
+// Bytes and instructions of the kernels' vector loads and stores (MATTERHORN_COUNT_TRAFFIC).
+struct Traffic {
+  int64_t loaded = 0, stored = 0, loads = 0, stores = 0;
+};
+inline Traffic traffic;
+
+inline void count_traffic(int64_t bytes, bool is_store) {
+  (is_store ? traffic.stored : traffic.loaded) += bytes;
+  ++(is_store ? traffic.stores : traffic.loads);
+}
 
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 

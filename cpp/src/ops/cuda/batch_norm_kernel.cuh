@@ -43,13 +43,20 @@ struct alignas(sizeof(T) * N) Pack {
   T value[N];
 };
 
+// The CPU emulation defines MATTERHORN_COUNT_TRAFFIC(bytes, is_store) to count what the kernels move.
+#ifndef MATTERHORN_COUNT_TRAFFIC
+#define MATTERHORN_COUNT_TRAFFIC(bytes, is_store)
+#endif
+
 template <int N, typename T>
 __device__ __forceinline__ Pack<T, N> load(const T* p) {
+  MATTERHORN_COUNT_TRAFFIC(sizeof(Pack<T, N>), false);
   return *reinterpret_cast<const Pack<T, N>*>(p);
 }
 
 template <int N, typename T>
 __device__ __forceinline__ void store(T* p, const Pack<T, N>& pack) {
+  MATTERHORN_COUNT_TRAFFIC(sizeof(Pack<T, N>), true);
   *reinterpret_cast<Pack<T, N>*>(p) = pack;
 }
 
