@@ -220,8 +220,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_backward(
         // running statistics are constants: dx = dy * invstd * weight
         : call_elemt(grad_output, at::zeros_like(mean), var, weight, std::nullopt, eps, groups);
   }
-  if (needs[1]) grad_weight = cast((sum_dy_xmu * (var + eps).rsqrt()).sum(0), weight->scalar_type());
-  if (needs[2]) grad_bias = sum_dy.sum(0);
+  // [G, C] -> [C]; with one group a view, not a kernel launch
+  const auto over_groups = [](const at::Tensor& t) { return t.size(0) == 1 ? t.squeeze(0) : t.sum(0); };
+  if (needs[1]) grad_weight = cast(over_groups(sum_dy_xmu * (var + eps).rsqrt()), weight->scalar_type());
+  if (needs[2]) grad_bias = over_groups(sum_dy);
   return {grad_input, grad_weight, grad_bias};
 }
 

@@ -26,6 +26,7 @@ struct BatchNormNormalizeFunction : public torch::autograd::Function<BatchNormNo
     ctx->saved_data["has_weight"] = has_weight;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->mark_non_differentiable({mean, var});  // they feed the running statistics only
+    ctx->set_materialize_grads(false);           // so no zero gradients are made for them
     return {output, mean, var};
   }
 
@@ -33,6 +34,7 @@ struct BatchNormNormalizeFunction : public torch::autograd::Function<BatchNormNo
     TORCH_CHECK(
         !at::GradMode::is_enabled(),
         "BatchNorm: double backward (create_graph=True) is not supported by matterhorn's BatchNorm");
+    if (!grad_outputs[0].defined()) return {{}, {}, {}, {}, {}, {}, {}, {}};  // the output was not used
     const auto saved = ctx->get_saved_variables();
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();

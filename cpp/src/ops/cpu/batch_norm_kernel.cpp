@@ -334,22 +334,33 @@ void update_stats_cpu(
   TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(),
                     "batch_norm_update_stats: running statistics must be contiguous");
   const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  const at::Tensor m = dense(cast(mean, at::kDouble)), v = dense(cast(var, at::kDouble));
+  TORCH_CHECK_TYPE(!tracked || num_batches_tracked->scalar_type() == at::kLong,
+                   "batch_norm_update_stats: num_batches_tracked must be int64");
+  // float statistics are read as they are (no cast ops: this runs once per training step)
+  const auto stat_type = mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor m = dense(cast(mean, stat_type)), v = dense(cast(var, stat_type));
+  int64_t* batches = tracked ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "batch_norm_update_stats", [&] {
     scalar_t* rm = running_mean.data_ptr<scalar_t>();
     scalar_t* rv = running_var.data_ptr<scalar_t>();
-    for (int64_t g = 0; g < mean.size(0); ++g) {
-      double factor = momentum.value_or(0.0);
-      if (tracked) {
-        const int64_t batches = num_batches_tracked->add_(1).item<int64_t>();
-        if (!momentum.has_value()) factor = 1.0 / static_cast<double>(batches);  // cumulative average
+    const auto update = [&](const auto* mean_data, const auto* var_data) {
+      for (int64_t g = 0; g < mean.size(0); ++g) {
+        double factor = momentum.value_or(0.0);
+        if (batches) {
+          *batches += 1;
+          if (!momentum.has_value()) factor = 1.0 / static_cast<double>(*batches);  // cumulative average
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const double mg = static_cast<double>(mean_data[g * C + c]), vg = static_cast<double>(var_data[g * C + c]);
+          rm[c] = static_cast<scalar_t>((1 - factor) * static_cast<double>(rm[c]) + factor * mg);
+          rv[c] = static_cast<scalar_t>((1 - factor) * static_cast<double>(rv[c]) + factor * vg * n / (n - 1));
+        }
       }
-      const double* mg = m.const_data_ptr<double>() + g * C;
-      const double* vg = v.const_data_ptr<double>() + g * C;
-      for (int64_t c = 0; c < C; ++c) {
-        rm[c] = static_cast<scalar_t>((1 - factor) * static_cast<double>(rm[c]) + factor * mg[c]);
-        rv[c] = static_cast<scalar_t>((1 - factor) * static_cast<double>(rv[c]) + factor * vg[c] * n / (n - 1));
-      }
+    };
+    if (stat_type == at::kDouble) {
+      update(m.const_data_ptr<double>(), v.const_data_ptr<double>());
+    } else {
+      update(m.const_data_ptr<float>(), v.const_data_ptr<float>());
     }
   });
 }
