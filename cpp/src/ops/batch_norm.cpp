@@ -222,7 +222,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_backward(
   }
   // [G, C] -> [C]; with one group a view, not a kernel launch
   const auto over_groups = [](const at::Tensor& t) { return t.size(0) == 1 ? t.squeeze(0) : t.sum(0); };
-  if (needs[1]) grad_weight = cast(over_groups(sum_dy_xmu * (var + eps).rsqrt()), weight->scalar_type());
+  if (needs[1]) {
+    // sum_dy_xmu * invstd per (group, channel) is the element op on [G, C] with a zero mean: one
+    // kernel, where `sum_dy_xmu * (var + eps).rsqrt()` is three (and a scalar conversion)
+    const at::Tensor scaled = call_elemt(sum_dy_xmu, at::zeros_like(mean), var, std::nullopt, std::nullopt, eps, groups);
+    grad_weight = cast(over_groups(scaled), weight->scalar_type());
+  }
   if (needs[2]) grad_bias = over_groups(sum_dy);
   return {grad_input, grad_weight, grad_bias};
 }
