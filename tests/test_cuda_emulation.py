@@ -70,6 +70,7 @@ CASES = [  # folded shape [N, C, ...], groups, channels_last, misaligned
     ((4, 8, 16, 16), 2, True, False),
     ((10, 1, 9), 1, False, False),
     ((10, 1), 1, False, False),
+    ((3, 7), 3, False, False),  # one row per group: grad_weight's [G, C] call of the element op
     ((3, 300, 4), 1, True, False),
     ((3, 300, 4), 3, False, False),
     ((12, 1030), 2, False, False),
