@@ -20,10 +20,12 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ceil_div.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
+#include <c10/util/llvmMathExtras.h>
 
 #include "ops/batch_norm.h"
 
@@ -31,6 +33,7 @@ namespace matterhorn::ops::cuda {
 
 using detail::BatchNormLayout;
 using detail::Moments;
+using at::ceil_div;
 
 constexpr int kThreads = 256;
 constexpr int64_t kBlocksPerMultiprocessor = 32;  // 8 resident blocks of 256 threads, four waves
@@ -94,14 +97,11 @@ struct Tiling {
   int64_t splits = 1;              // blocks per (g, c): partial results of each
 };
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 __device__ __forceinline__ int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
 
 inline int power_of_two_at_least(int64_t n, int cap) {
-  int p = 1;
-  while (p < n && p < cap) p *= 2;
-  return p;
+  return static_cast<int>(std::clamp<int64_t>(c10::llvm::PowerOf2Ceil(std::max<int64_t>(n, 1)), 1, cap));
 }
 
 // Enough blocks to fill the card `kBlocksPerMultiprocessor` times over, none with less than
@@ -123,8 +123,8 @@ inline Tiling plan_tiling(const BatchNormLayout& layout, int vec, int64_t multip
     int64_t split_rows = std::min(per_pair, rows);
     t.rows_per_block = std::max(ceil_div(rows, split_rows), ceil_div(rows, kMaxGridYZ));
     split_rows = ceil_div(rows, t.rows_per_block);
-    int64_t split_vectors = std::clamp<int64_t>(ceil_div(per_pair, split_rows), 1, ceil_div(vectors, t.lanes));
-    t.vectors_per_block = ceil_div(ceil_div(vectors, split_vectors), t.lanes) * t.lanes;
+    int64_t split_vectors = std::clamp<int64_t>(ceil_div(per_pair, split_rows), 1, ceil_div(vectors, int64_t(t.lanes)));
+    t.vectors_per_block = at::round_up(ceil_div(vectors, split_vectors), int64_t(t.lanes));
     t.vectors_per_block = std::max(t.vectors_per_block, ceil_div(vectors, kMaxGridYZ));
     split_vectors = ceil_div(vectors, t.vectors_per_block);
     t.grid_x = pairs, t.grid_y = split_rows, t.grid_z = split_vectors;
@@ -132,7 +132,7 @@ inline Tiling plan_tiling(const BatchNormLayout& layout, int vec, int64_t multip
   } else {
     const int64_t vectors = t.channels / vec;
     t.lanes = power_of_two_at_least(vectors, 32);
-    const int64_t tiles = ceil_div(vectors, t.lanes), rows_per_pass = kThreads / t.lanes;
+    const int64_t tiles = ceil_div(vectors, int64_t(t.lanes)), rows_per_pass = kThreads / t.lanes;
     const int64_t enough = std::max<int64_t>(1, rows / (rows_per_pass * kMinVectorsPerThread));
     const int64_t per_group = std::clamp<int64_t>(ceil_div(target, tiles * groups), 1, enough);
     t.rows_per_block = std::max(ceil_div(rows, per_group), ceil_div(rows, kMaxGridYZ));
@@ -408,7 +408,7 @@ inline dim3 block_of(const Tiling& t) { return dim3(t.lanes, kThreads / t.lanes)
 template <typename T, typename acc_t, typename Launch>
 void launch_merge(const T* partial, int64_t pairs, int64_t splits, acc_t* first, acc_t* second, const Launch& launch) {
   const int threads_per_pair = power_of_two_at_least(splits, kThreads), pairs_per_block = kThreads / threads_per_pair;
-  launch(merge_partials_kernel<T, acc_t>, dim3(static_cast<unsigned>(ceil_div(pairs, pairs_per_block))),
+  launch(merge_partials_kernel<T, acc_t>, dim3(static_cast<unsigned>(ceil_div(pairs, int64_t(pairs_per_block)))),
          dim3(kThreads), partial, pairs, splits, threads_per_pair, first, second);
 }
 
