@@ -182,3 +182,41 @@ def test_a_training_step_moves_the_tensor_eight_times_in_16_byte_vectors(emulate
     assert (loaded, stored) == (6 * tensor_bytes, 2 * tensor_bytes)
     access_bytes = x.element_size() if misaligned else 16
     assert (loaded, stored) == (access_bytes * loads, access_bytes * stores)
+
+
+
+def traced(emulated, op, *args):
+    """op(*args) and the addresses of its kernels' loads, in the order they ran."""
+    emulated.take_load_addresses()
+    emulated.trace_loads()
+    result = op(*args)
+    return result, emulated.take_load_addresses()
+
+
+def first_quarter(addresses):
+    return set(addresses[:len(addresses) // 4])
+
+
+def last_quarter(addresses):
+    return set(addresses[-(len(addresses) // 4):])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_each_pass_starts_on_what_the_pass_before_it_read_last(emulated, channels_last):
+    """Reductions walk the grid backwards and element passes forwards, so that the first loads of a
+    pass hit data the previous pass left in L2 (blocks run in blockIdx order here, roughly so on
+    the GPU): the first quarter of an element pass's loads is among the last quarter of the
+    reduction's before it, and a reduction starts in the second half of its input (which its
+    producer, walking forwards, wrote last)."""
+    shape, count = (16, 8, 32, 32), 16 * 32 * 32
+    x, dy = fenced(shape, torch.float32, channels_last), fenced(shape, torch.float32, channels_last)
+    assert math.prod(emulated.tiling(x, 1, 4, 132)[:3]) >= 16  # a grid of many blocks
+    (mean, var), statistics = traced(emulated, emulated.batch_norm_stats, x, 1, 132)
+    _, normalize = traced(emulated, emulated.batch_norm_elemt, x, mean, var, None, None, 1e-5, 1, 132)
+    sums, reduction = traced(emulated, emulated.batch_norm_backward_reduce, dy, x, mean, 1, 132)
+    _, input_gradient = traced(emulated, emulated.batch_norm_backward_elemt, dy, x, mean, var, None, *sums, 1e-5,
+                               count, 1, 132)
+    assert first_quarter(normalize) <= last_quarter(statistics)
+    assert first_quarter(input_gradient) <= last_quarter(reduction)
+    half = x.numel() * x.element_size() // 2
+    assert min(first_quarter(statistics)) >= x.data_ptr() + half

@@ -123,8 +123,19 @@ int64_t overruns() { return overrun_count.load(); }
 // Bytes loaded and stored by the kernels' vector accesses since the last call, and the number of
 // loads and stores; then zeroes them.
 std::vector<int64_t> take_traffic() {
-  const cuda_on_cpu::Traffic t = std::exchange(cuda_on_cpu::traffic, {});
-  return {t.loaded, t.stored, t.loads, t.stores};
+  cuda_on_cpu::Traffic& t = cuda_on_cpu::traffic;
+  std::vector<int64_t> counts{t.loaded, t.stored, t.loads, t.stores};
+  t.loaded = t.stored = t.loads = t.stores = 0;
+  return counts;
+}
+
+// Starts recording the addresses of the kernels' loads; take_load_addresses() returns them in the
+// order they ran and stops.
+void trace_loads() { cuda_on_cpu::traffic.trace_loads = true; }
+
+std::vector<int64_t> take_load_addresses() {
+  cuda_on_cpu::traffic.trace_loads = false;
+  return std::exchange(cuda_on_cpu::traffic.load_addresses, {});
 }
 
 }  // namespace
@@ -142,6 +153,8 @@ TORCH_LIBRARY(matterhorn_emulated, m) {
   m.def("tiling(Tensor input, int groups, int vec, int multiprocessors) -> int[]");
   m.def("overruns() -> int");
   m.def("take_traffic() -> int[]");
+  m.def("trace_loads() -> ()");
+  m.def("take_load_addresses() -> int[]");
   m.impl("batch_norm_stats", c10::DispatchKey::CPU, &stats);
   m.impl("batch_norm_elemt", c10::DispatchKey::CPU, &elemt);
   m.impl("batch_norm_backward_reduce", c10::DispatchKey::CPU, &backward_reduce);
@@ -151,4 +164,6 @@ TORCH_LIBRARY(matterhorn_emulated, m) {
   m.impl("tiling", c10::DispatchKey::Meta, &tiling);
   m.impl("overruns", &overruns);
   m.impl("take_traffic", &take_traffic);
+  m.impl("trace_loads", &trace_loads);
+  m.impl("take_load_addresses", &take_load_addresses);
 }

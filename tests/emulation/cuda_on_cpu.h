@@ -27,19 +27,23 @@ struct dim3 {
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
-#define MATTERHORN_COUNT_TRAFFIC(bytes, is_store) cuda_on_cpu::count_traffic(bytes, is_store)
+#define MATTERHORN_TRACE_ACCESS(address, bytes, is_store) cuda_on_cpu::trace_access(address, bytes, is_store)
 
 namespace cuda_on_cpu {
 
-// Bytes and instructions of the kernels' vector loads and stores (MATTERHORN_COUNT_TRAFFIC).
+// Bytes and instructions of the kernels' vector loads and stores, and, while `trace_loads` is set,
+// the loads' addresses in the order they ran (MATTERHORN_TRACE_ACCESS).
 struct Traffic {
   int64_t loaded = 0, stored = 0, loads = 0, stores = 0;
+  bool trace_loads = false;
+  std::vector<int64_t> load_addresses;
 };
 inline Traffic traffic;
 
-inline void count_traffic(int64_t bytes, bool is_store) {
+inline void trace_access(const void* address, int64_t bytes, bool is_store) {
   (is_store ? traffic.stored : traffic.loaded) += bytes;
   ++(is_store ? traffic.stores : traffic.loads);
+  if (!is_store && traffic.trace_loads) traffic.load_addresses.push_back(reinterpret_cast<int64_t>(address));
 }
 
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;

@@ -46,20 +46,20 @@ struct alignas(sizeof(T) * N) Pack {
   T value[N];
 };
 
-// The CPU emulation defines MATTERHORN_COUNT_TRAFFIC(bytes, is_store) to count what the kernels move.
-#ifndef MATTERHORN_COUNT_TRAFFIC
-#define MATTERHORN_COUNT_TRAFFIC(bytes, is_store)
+// The CPU emulation defines MATTERHORN_TRACE_ACCESS(address, bytes, is_store) to see what the kernels move.
+#ifndef MATTERHORN_TRACE_ACCESS
+#define MATTERHORN_TRACE_ACCESS(address, bytes, is_store)
 #endif
 
 template <int N, typename T>
 __device__ __forceinline__ Pack<T, N> load(const T* p) {
-  MATTERHORN_COUNT_TRAFFIC(sizeof(Pack<T, N>), false);
+  MATTERHORN_TRACE_ACCESS(p, sizeof(Pack<T, N>), false);
   return *reinterpret_cast<const Pack<T, N>*>(p);
 }
 
 template <int N, typename T>
 __device__ __forceinline__ void store(T* p, const Pack<T, N>& pack) {
-  MATTERHORN_COUNT_TRAFFIC(sizeof(Pack<T, N>), true);
+  MATTERHORN_TRACE_ACCESS(p, sizeof(Pack<T, N>), true);
   *reinterpret_cast<Pack<T, N>*>(p) = pack;
 }
 
@@ -156,24 +156,39 @@ struct ThreadSlice {
   int64_t split;  // which partial result of (group, channel) this block produces
 };
 
+// Reductions walk the grid backwards and element passes forwards, so that each pass starts on
+// the data the pass before it touched last, which is still in L2 (blocks start roughly in
+// blockIdx order). Reversing each coordinate reverses the whole order.
+enum class Walk { forwards, backwards };
+
+struct BlockIndex {
+  int64_t x, y, z;
+};
+
+__device__ __forceinline__ BlockIndex block_index(Walk walk) {
+  if (walk == Walk::forwards) return {blockIdx.x, blockIdx.y, blockIdx.z};
+  return {gridDim.x - 1 - blockIdx.x, gridDim.y - 1 - blockIdx.y, gridDim.z - 1 - blockIdx.z};
+}
+
 template <int VEC>
-__device__ __forceinline__ ThreadSlice slice_of(const Tiling& t) {
+__device__ __forceinline__ ThreadSlice slice_of(const Tiling& t, Walk walk) {
+  const BlockIndex b = block_index(walk);
   ThreadSlice s;
-  s.row = blockIdx.y * t.rows_per_block + threadIdx.y;
-  s.row_end = smaller(t.rows, (blockIdx.y + 1) * t.rows_per_block);
+  s.row = b.y * t.rows_per_block + threadIdx.y;
+  s.row_end = smaller(t.rows, (b.y + 1) * t.rows_per_block);
   if (!t.along_channels) {
-    s.group = blockIdx.x / t.channels, s.channel = blockIdx.x % t.channels, s.channel_step = 0;
+    s.group = b.x / t.channels, s.channel = b.x % t.channels, s.channel_step = 0;
     s.active = true;
     s.base = (s.group * t.rows * t.channels + s.channel) * t.inner, s.row_stride = t.channels * t.inner;
-    s.vector = blockIdx.z * t.vectors_per_block + threadIdx.x, s.vector_step = blockDim.x;
-    s.vector_end = smaller(t.inner / VEC, (blockIdx.z + 1) * t.vectors_per_block);
-    s.split = blockIdx.y * int64_t(gridDim.z) + blockIdx.z;
+    s.vector = b.z * t.vectors_per_block + threadIdx.x, s.vector_step = blockDim.x;
+    s.vector_end = smaller(t.inner / VEC, (b.z + 1) * t.vectors_per_block);
+    s.split = b.y * int64_t(gridDim.z) + b.z;
   } else {
-    s.group = blockIdx.z, s.channel = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC, s.channel_step = 1;
+    s.group = b.z, s.channel = (b.x * blockDim.x + threadIdx.x) * VEC, s.channel_step = 1;
     s.active = s.channel < t.channels;  // VEC > 1 only when VEC divides C
     s.base = s.group * t.rows * t.channels + s.channel, s.row_stride = t.channels;
     s.vector = 0, s.vector_end = 1, s.vector_step = 1;
-    s.split = blockIdx.y;
+    s.split = b.y;
   }
   return s;
 }
@@ -237,7 +252,7 @@ __device__ __forceinline__ void write_partials(T (&slots)[VEC], const Tiling& t,
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads) moments_kernel(const scalar_t* __restrict__ x, Tiling t,
                                                            Moments<acc_t>* __restrict__ partial) {
-  const ThreadSlice s = slice_of<VEC>(t);
+  const ThreadSlice s = slice_of<VEC>(t, Walk::backwards);
   acc_t n = 0, mean[VEC] = {}, m2[VEC] = {};
   for_each_vector<VEC>(t, s, [&](int64_t at) {
     const Pack<scalar_t, VEC> v = load<VEC>(x + at);
@@ -260,7 +275,7 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads) sums_kernel(const scalar_t* __restrict__ dy,
                                                         const scalar_t* __restrict__ x, const acc_t* mean, Tiling t,
                                                         Sums<acc_t>* __restrict__ partial) {
-  const ThreadSlice s = slice_of<VEC>(t);
+  const ThreadSlice s = slice_of<VEC>(t, Walk::backwards);
   Sums<acc_t> slots[VEC];
   acc_t mu[VEC];
   for (int k = 0; k < VEC; ++k) mu[k] = s.active ? mean[s.group * t.channels + s.channel + k * s.channel_step] : acc_t(0);
@@ -301,7 +316,7 @@ __global__ void __launch_bounds__(kThreads) elemt_kernel(const scalar_t* __restr
                                                          const acc_t* mean,
                                                          const acc_t* var, const acc_t* weight, const acc_t* bias,
                                                          acc_t eps) {
-  const ThreadSlice s = slice_of<VEC>(t);
+  const ThreadSlice s = slice_of<VEC>(t, Walk::forwards);
   if (!s.active) return;
   acc_t mu[VEC], scale[VEC], shift[VEC];
   for (int k = 0; k < VEC; ++k) {
@@ -327,7 +342,7 @@ __global__ void __launch_bounds__(kThreads) backward_elemt_kernel(
     const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx, Tiling t,
     const acc_t* mean, const acc_t* var,
     const acc_t* weight, const acc_t* sum_dy, const acc_t* sum_dy_xmu, acc_t eps, acc_t count) {
-  const ThreadSlice s = slice_of<VEC>(t);
+  const ThreadSlice s = slice_of<VEC>(t, Walk::forwards);
   if (!s.active) return;
   acc_t mu[VEC], dy_mean[VEC], scale[VEC], xmu_scale[VEC];
   for (int k = 0; k < VEC; ++k) {
