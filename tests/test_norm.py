@@ -118,6 +118,51 @@ def test_batch_norm_bfloat16_input_with_float32_parameters():
     torch.testing.assert_close(ours.running_var, reference.running_var, rtol=1e-2, atol=1e-3)
 
 
+def eval_twins():
+    ours, reference = twins("BatchNorm2d", dict(num_features=3), torch.float32)
+    ours.running_mean.uniform_(-1, 1), ours.running_var.uniform_(0.5, 2)
+    reference.load_state_dict(ours.state_dict())
+    return ours.eval(), reference.eval()
+
+
+def test_eval_normalizes_with_the_running_statistics_and_returns_no_copies_of_them():
+    ours, reference = eval_twins()
+    x = torch.randn(8, 3, 4, 4)
+    y, mean, var = torch.ops.matterhorn.batch_norm_normalize(
+        x, ours.weight, ours.bias, ours.running_mean, ours.running_var, False, ours.eps, 1)
+    torch.testing.assert_close(y, reference(x))
+    assert mean.numel() == 0 and var.numel() == 0
+
+
+@pytest.mark.parametrize("needs_grad", ["input", "weight", "nothing", "no_grad"])
+def test_eval_records_a_graph_exactly_when_a_gradient_is_needed(needs_grad):
+    ours, reference = eval_twins()
+    x = torch.randn(2, 4, 3, 5, 5, requires_grad=needs_grad == "input")
+    x_ref = x.detach().clone().requires_grad_(needs_grad == "input")
+    for layer in (ours, reference):
+        layer.requires_grad_(needs_grad == "weight")
+    with torch.set_grad_enabled(needs_grad != "no_grad"):
+        y, y_ref = ours(x), reference(x_ref.flatten(0, 1)).unflatten(0, (2, 4))
+    torch.testing.assert_close(y, y_ref)
+    assert y.requires_grad == y_ref.requires_grad == (needs_grad in ("input", "weight"))
+    if y.requires_grad:
+        grad = torch.randn_like(y)
+        y.backward(grad), y_ref.backward(grad)
+        if needs_grad == "input":
+            torch.testing.assert_close(x.grad, x_ref.grad)
+        else:
+            torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
+            torch.testing.assert_close(ours.bias.grad, reference.bias.grad)
+
+
+def test_eval_backward_after_the_running_statistics_changed_raises_like_torch():
+    ours, _ = eval_twins()
+    y = ours(torch.randn(2, 4, 3, 5, 5, requires_grad=True))
+    ours.running_var.mul_(2)  # the backward would use the new values: refused, not silently wrong
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 @pytest.mark.parametrize("per_step", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norm_gradcheck_float64_and_a_clear_double_backward_error(per_step, affine):

@@ -189,20 +189,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     bool batch_statistics, double eps, int64_t groups) {
-  at::Tensor mean, var;
   if (batch_statistics) {
-    std::tie(mean, var) = call_stats(input, groups);
-  } else {
-    TORCH_CHECK_VALUE(
-        running_mean.has_value() && running_var.has_value(),
-        "batch_norm_normalize: running statistics are needed without batch statistics");
-    // Copies: an op's outputs may not alias its inputs.
-    const auto acc = at::toOpMathType(input.scalar_type());
-    mean = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true).unsqueeze(0);
-    var = running_var->to(acc, /*non_blocking=*/false, /*copy=*/true).unsqueeze(0);
-    groups = 1;
+    auto [mean, var] = call_stats(input, groups);
+    return {call_elemt(input, mean, var, weight, bias, eps, groups), mean, var};
   }
-  return {call_elemt(input, mean, var, weight, bias, eps, groups), mean, var};
+  TORCH_CHECK_VALUE(
+      running_mean.has_value() && running_var.has_value(),
+      "batch_norm_normalize: running statistics are needed without batch statistics");
+  // Empty statistics out: an op's outputs may not alias its inputs, and copies of the running
+  // ones would cost as much as normalizing a small input.
+  const auto none = [&] { return at::empty({0}, input.options().dtype(at::toOpMathType(input.scalar_type()))); };
+  return {call_elemt(input, running_mean->unsqueeze(0), running_var->unsqueeze(0), weight, bias, eps, 1), none(), none()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_backward(

@@ -81,8 +81,8 @@ std::tuple<at::Tensor, BatchNormLayout> batch_norm_layout(const at::Tensor& inpu
 // Checks shared by the building-block ops' kernels (they are also public ops).
 void check_batch_norm_block(const char* op, const at::Tensor& input, int64_t groups);
 
-// Forward of batch_norm_normalize on the folded tensor: (y, mean [G, C], biased var [G, C]);
-// with batch_statistics false the running ones are used (G = 1).
+// Forward of batch_norm_normalize on the folded tensor: (y, mean [G, C], biased var [G, C]) of the
+// batch; with batch_statistics false the running statistics are used and mean and var are empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,

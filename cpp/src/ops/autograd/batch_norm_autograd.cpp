@@ -19,7 +19,10 @@ struct BatchNormNormalizeFunction : public torch::autograd::Function<BatchNormNo
     auto [output, mean, var] = matterhorn::ops::detail::normalize_forward(
         input, weight, bias, running_mean, running_var, batch_statistics, eps, groups);
     const bool has_weight = weight.has_value() && weight->defined();
-    ctx->save_for_backward({input, has_weight ? *weight : at::Tensor(), mean, var});
+    // without batch statistics the backward's constants are the running statistics, saved as they
+    // are (so that changing them before the backward is an error, as in torch)
+    ctx->save_for_backward({input, has_weight ? *weight : at::Tensor(), batch_statistics ? mean : *running_mean,
+                            batch_statistics ? var : *running_var});
     ctx->saved_data["batch_statistics"] = batch_statistics;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["groups"] = batch_statistics ? groups : 1;
@@ -36,6 +39,8 @@ struct BatchNormNormalizeFunction : public torch::autograd::Function<BatchNormNo
         "BatchNorm: double backward (create_graph=True) is not supported by matterhorn's BatchNorm");
     if (!grad_outputs[0].defined()) return {{}, {}, {}, {}, {}, {}, {}, {}};  // the output was not used
     const auto saved = ctx->get_saved_variables();
+    const bool batch_statistics = ctx->saved_data["batch_statistics"].toBool();
+    const auto statistic = [&](const at::Tensor& t) { return batch_statistics ? t : t.unsqueeze(0); };  // [G, C]
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     // needs_input_grad counts only the tensors that were given: an absent weight shifts the bias.
@@ -43,8 +48,8 @@ struct BatchNormNormalizeFunction : public torch::autograd::Function<BatchNormNo
         ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
         has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     auto [grad_input, grad_weight, grad_bias] = matterhorn::ops::detail::normalize_backward(
-        grad_outputs[0], saved[0], has_weight ? std::optional<at::Tensor>(saved[1]) : std::nullopt, saved[2],
-        saved[3], ctx->saved_data["batch_statistics"].toBool(), ctx->saved_data["eps"].toDouble(),
+        grad_outputs[0], saved[0], has_weight ? std::optional<at::Tensor>(saved[1]) : std::nullopt, statistic(saved[2]),
+        statistic(saved[3]), batch_statistics, ctx->saved_data["eps"].toDouble(),
         ctx->saved_data["groups"].toInt(), needs);
     return {grad_input, grad_weight, grad_bias, {}, {}, {}, {}, {}};
   }
@@ -54,6 +59,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_normalize_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     bool batch_statistics, double eps, int64_t groups) {
+  const auto requires_grad = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    // no graph to record (inference): skip the autograd node and what it saves
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return matterhorn::ops::detail::normalize_forward(
+        input, weight, bias, running_mean, running_var, batch_statistics, eps, groups);
+  }
   const auto outputs = BatchNormNormalizeFunction::apply(
       input, weight, bias, running_mean, running_var, batch_statistics, eps, groups);
   return {outputs[0], outputs[1], outputs[2]};
