@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (H100/H200, its own torch, no network): builds for sm_90 only,
 # runs the CUDA tests, runs the GPU benchmark, prints a short table last; about 5 minutes.
-# Uses the machine's python and torch (not .venv): pip install --no-build-isolation --no-deps -e .
+# Uses the machine's python and torch (not .venv); installs into build/gpu_site (PYTHONPATH), not
+# into that python's environment, which may be read-only.
 # Full logs go to $OUT (the device tool's folder) or build/gpu_check. SANITIZE=1 adds
 # compute-sanitizer's memcheck and racecheck over BatchNorm's kernels (a few minutes more).
+# MATTERHORN_CMAKE_ARGS: more pip -C options (e.g. a partial CUDA toolkit's hints, README "CUDA builds").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -13,10 +15,14 @@ mkdir -p "$OUT_DIR"
 
 start=$SECONDS
 "$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU"; print(torch.__version__, torch.cuda.get_device_name())'
-timeout 300 "$PY" -m pip install --no-build-isolation --no-deps -e . \
+SITE="$PWD/build/gpu_site"
+rm -rf "$SITE"
+timeout 300 "$PY" -m pip install --no-build-isolation --no-deps --no-compile --target "$SITE" . \
   -C cmake.define.MATTERHORN_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST" -C cmake.define.MATTERHORN_BUILD_TOOLS=OFF \
-  -C build-dir=build/gpu > "$OUT_DIR/build.txt" 2>&1 \
+  -C build-dir=build/gpu ${MATTERHORN_CMAKE_ARGS:-} > "$OUT_DIR/build.txt" 2>&1 \
   || { tail -n 40 "$OUT_DIR/build.txt"; exit 1; }
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c 'import matterhorn_pytorch as m; print("gpu_check: using", m.__file__)'
 echo "gpu_check: built in $((SECONDS - start)) s"
 # every test, not -x: one run should show every failure
 timeout 240 "$PY" -m pytest -q -rf tests/test_cuda.py > "$OUT_DIR/cuda_tests.txt" 2>&1 || true

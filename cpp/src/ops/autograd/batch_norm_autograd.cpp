@@ -47,6 +47,7 @@ struct BatchNormNormalizeFunction : public torch::autograd::Function<BatchNormNo
     const std::array<bool, 3> needs{
         ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
         has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
+    at::AutoDispatchBelowADInplaceOrView guard;  // no graph is recorded here: skip autograd's layers
     auto [grad_input, grad_weight, grad_bias] = matterhorn::ops::detail::normalize_backward(
         grad_outputs[0], saved[0], has_weight ? std::optional<at::Tensor>(saved[1]) : std::nullopt, statistic(saved[2]),
         statistic(saved[3]), batch_statistics, ctx->saved_data["eps"].toDouble(),
