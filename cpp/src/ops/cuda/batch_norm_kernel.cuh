@@ -36,7 +36,7 @@ using detail::Moments;
 using at::ceil_div;
 
 constexpr int kThreads = 256;
-constexpr int64_t kBlocksPerMultiprocessor = 32;  // 8 resident blocks of 256 threads, four waves
+constexpr int64_t kBlocksPerMultiprocessor = 32;  // several waves: 3-7 blocks fit an SM (74-36 registers)
 constexpr int64_t kMinVectorsPerThread = 4;       // fewer, and a block's start costs more than its loads
 constexpr int64_t kMaxGridYZ = 65535;
 
@@ -194,13 +194,15 @@ __device__ __forceinline__ ThreadSlice slice_of(const Tiling& t, Walk walk) {
 }
 
 // Calls f(offset) for each vector of the thread's slice. Unrolled, so that several loads are in
-// flight per thread (the kernels' pointers are __restrict__, so loads may pass stores).
+// flight per thread (the kernels' pointers are __restrict__, so loads may pass stores): over the
+// rows when the thread has one vector per row (always so along channels), else over a row's vectors.
 template <int VEC, typename F>
-__device__ __forceinline__ void for_each_vector(const Tiling& t, const ThreadSlice& s, F&& f) {
-  if (!s.active) return;
-  if (t.along_channels) {  // one vector per row
+__device__ __forceinline__ void for_each_vector(const ThreadSlice& s, F&& f) {
+  if (!s.active || s.vector >= s.vector_end) return;
+  if (s.vector + s.vector_step >= s.vector_end) {
+    const int64_t first = s.base + s.vector * VEC;
 #pragma unroll 4
-    for (int64_t r = s.row; r < s.row_end; r += blockDim.y) f(s.base + r * s.row_stride);
+    for (int64_t r = s.row; r < s.row_end; r += blockDim.y) f(first + r * s.row_stride);
     return;
   }
   for (int64_t r = s.row; r < s.row_end; r += blockDim.y) {
@@ -254,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(const scalar_t* __res
                                                            Moments<acc_t>* __restrict__ partial) {
   const ThreadSlice s = slice_of<VEC>(t, Walk::backwards);
   acc_t n = 0, mean[VEC] = {}, m2[VEC] = {};
-  for_each_vector<VEC>(t, s, [&](int64_t at) {
+  for_each_vector<VEC>(s, [&](int64_t at) {
     const Pack<scalar_t, VEC> v = load<VEC>(x + at);
     n += 1;
     const acc_t inverse_n = acc_t(1) / n;
@@ -279,7 +281,7 @@ __global__ void __launch_bounds__(kThreads) sums_kernel(const scalar_t* __restri
   Sums<acc_t> slots[VEC];
   acc_t mu[VEC];
   for (int k = 0; k < VEC; ++k) mu[k] = s.active ? mean[s.group * t.channels + s.channel + k * s.channel_step] : acc_t(0);
-  for_each_vector<VEC>(t, s, [&](int64_t at) {
+  for_each_vector<VEC>(s, [&](int64_t at) {
     const Pack<scalar_t, VEC> d = load<VEC>(dy + at), v = load<VEC>(x + at);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -325,7 +327,7 @@ __global__ void __launch_bounds__(kThreads) elemt_kernel(const scalar_t* __restr
     scale[k] = (weight ? weight[c] : acc_t(1)) * inverse_sqrt(var[gc] + eps);
     shift[k] = bias ? bias[c] : acc_t(0);
   }
-  for_each_vector<VEC>(t, s, [&](int64_t at) {
+  for_each_vector<VEC>(s, [&](int64_t at) {
     const Pack<scalar_t, VEC> v = load<VEC>(x + at);
     Pack<scalar_t, VEC> out;
 #pragma unroll
@@ -353,7 +355,7 @@ __global__ void __launch_bounds__(kThreads) backward_elemt_kernel(
     scale[k] = invstd * (weight ? weight[c] : acc_t(1));
     xmu_scale[k] = scale[k] * invstd * invstd * sum_dy_xmu[gc] / count;
   }
-  for_each_vector<VEC>(t, s, [&](int64_t at) {
+  for_each_vector<VEC>(s, [&](int64_t at) {
     const Pack<scalar_t, VEC> d = load<VEC>(dy + at), v = load<VEC>(x + at);
     Pack<scalar_t, VEC> out;
 #pragma unroll
