@@ -8,11 +8,16 @@ device-copy bandwidth measured in the same run; each row says whether the issue'
 """
 
 import argparse
+import collections
+import re
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
+
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 import torch
 import torch.nn as nn
@@ -154,6 +159,56 @@ def run_case(case, device, bandwidth, iterations, warmup, smoke):
     return f"| {case.label} | {ours_ms:.3f} | {twin_ms:.3f} | {ratio:.3f} | {floor} | {goal} |"
 
 
+# Tensor-sizes each BatchNorm kernel (or, on the CPU, op) moves: what it should take at copy speed.
+PASSES = {"moments_kernel": 1, "elemt_kernel": 2, "sums_kernel": 2, "backward_elemt_kernel": 3,
+          "matterhorn::batch_norm_stats": 1, "matterhorn::batch_norm_elemt": 2,
+          "matterhorn::batch_norm_backward_reduce": 2, "matterhorn::batch_norm_backward_elemt": 3}
+
+
+def short_name(name):
+    """`void ns::moments_kernel<float, float, 4>(...)` -> `moments_kernel`; others as they are."""
+    match = re.search(r"([A-Za-z_]\w*)\s*[<(]", name)
+    return match.group(1) if match and "::" in name and not name.startswith("matterhorn::") else name
+
+
+def kernel_breakdown(case, device, bandwidth, smoke, steps=10):
+    """Where one of our training steps spends its time, kernel by kernel (ops on the CPU), and the
+    bandwidth of each streaming pass against the copy's: tells which kernel to work on."""
+    ours = case.ours().to(device)
+    shape = smoke_shape(case.shape, case.twin()) if smoke else case.shape
+    x = torch.randn(shape, device=device, dtype=case.dtype)
+    if case.channels_last:
+        x = x.movedim(2, -1).contiguous().movedim(-1, 2)
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+    step = training_step(ours, ours, x, grad)
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    wanted = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
+    totals = collections.defaultdict(float)
+    for event in prof.events():
+        name = short_name(event.name)
+        if event.device_type == wanted and (device == "cuda" or name in PASSES):
+            totals[name] += event.time_range.elapsed_us() / steps
+    tensor_bytes = x.numel() * x.element_size()
+    print(f"{case.label.strip()}: our training step, kernel by kernel ({'ops on the CPU' if smoke else 'CUDA'})")
+    print("| kernel | us per step | TB/s | of copy |")
+    print("|---|---|---|---|")
+    for name, us in sorted(totals.items(), key=lambda item: -item[1]):
+        rate = PASSES[name] * tensor_bytes / (us * 1e-6) if name in PASSES and us > 0 else None
+        speed = f"| {rate / 1e12:.2f} | {rate / bandwidth:.0%} |" if rate else "| | |"
+        print(f"| {name} | {us:.1f} {speed}")
+    if device == "cuda":
+        print(f"| all kernels | {sum(totals.values()):.1f} | | |")
+    print()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, two iterations")
@@ -164,6 +219,12 @@ def main():
     bandwidth = copy_bandwidth(device, (1 << 20) if args.smoke else (256 << 20), iterations, warmup)
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke run)"
     print(f"{card}, torch {torch.__version__}, copy {bandwidth / 1e12:.2f} TB/s, {time.strftime('%Y-%m-%d')}")
+    for case in CASES:  # first, so that the table comes last
+        if case.passes == 8 and not case.per_step and case.dtype == torch.float32 and not case.channels_last:
+            try:  # a diagnosis: the table below must come even if the profiler misbehaves
+                kernel_breakdown(case, device, bandwidth, args.smoke)
+            except Exception as error:  # noqa: BLE001
+                print(f"kernel breakdown of {case.label.strip()} failed: {error!r}\n")
     print("| case (fwd+bwd) | ours (ms) | torch (ms) | ours / torch | share of floor | goal |")
     print("|---|---|---|---|---|---|")
     for case in CASES:

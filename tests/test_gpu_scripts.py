@@ -21,12 +21,19 @@ def test_the_gpu_benchmark_runs_every_case_in_its_smoke_mode():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--smoke"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    lines = result.stdout.splitlines()
+    table = lines.index(next(line for line in lines if line.startswith("| case (fwd+bwd)")))
+    rows = [line for line in lines[table + 2:] if line.startswith("| ")]  # the last table
     labels = [case.label for case in load_bench().CASES]
     assert [row.split(" | ")[0][2:] for row in rows] == labels
     for row in rows:
         ours, torch_ms, ratio = (float(cell) for cell in row.split(" | ")[1:4])
         assert ours > 0 and torch_ms > 0 and ratio > 0
+    # before it, our BatchNorm step op by op (kernel by kernel on a GPU), each pass with its speed
+    breakdown = [line.split(" | ") for line in lines[:table] if line.startswith("| matterhorn::")]
+    assert sorted({cells[0][2:] for cells in breakdown}) == sorted(
+        name for name in load_bench().PASSES if name.startswith("matterhorn::"))
+    assert len(breakdown) == 8 and all(float(cells[1]) > 0 and cells[3].endswith("% |") for cells in breakdown)
 
 
 def test_goals_are_judged_from_ratio_and_floor_share():
