@@ -2,6 +2,7 @@
 the same card, forward+backward, CUDA events, median of 30 after warm-up. For the normalizations
 the share of the memory floor (8 passes over the tensor for BatchNorm, 5 for LayerNorm) from a
 device-copy bandwidth measured in the same run; each row says whether the issue's goal is met.
+Before the table: our BatchNorm training step kernel by kernel (profiler), each pass's bandwidth.
 
     python bench/bench_gpu.py            (run by scripts/gpu_check.sh)
     python bench/bench_gpu.py --smoke    (tiny shapes on the CPU: checks the script itself)
