@@ -17,11 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
-
 import torch
 import torch.nn as nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 import matterhorn_pytorch as mth
 
@@ -134,17 +133,23 @@ def goal_text(case, ratio, share):
     return (", ".join(goals) + (": met" if met else ": MISSED")) if goals else ""
 
 
-def run_case(case, device, bandwidth, iterations, warmup, smoke):
-    ours, twin = case.ours().to(device, case.dtype if case.passes == 0 else torch.float32), case.twin().to(device)
+def case_input(case, twin, device, smoke):
+    """The case's input: spikes at 15% density for synapses (as in ANCHORS.md), normal values for
+    normalizations; in the case's layout."""
     shape = smoke_shape(case.shape, twin) if smoke else case.shape
-    if case.passes == 0:
-        twin = twin.to(case.dtype)
-    twin.load_state_dict(ours.state_dict())
-    # synapses get spikes at 15% density (as in ANCHORS.md), normalizations normal values
     x = torch.randn(shape, device=device, dtype=case.dtype) if case.passes else \
         (torch.rand(shape, device=device) < 0.15).to(case.dtype)
     if case.channels_last:  # [T, B, C, H, W] whose memory is [T, B, H, W, C]
         x = x.movedim(2, -1).contiguous().movedim(-1, 2)
+    return x
+
+
+def run_case(case, device, bandwidth, iterations, warmup, smoke):
+    ours, twin = case.ours().to(device, case.dtype if case.passes == 0 else torch.float32), case.twin().to(device)
+    if case.passes == 0:
+        twin = twin.to(case.dtype)
+    twin.load_state_dict(ours.state_dict())
+    x = case_input(case, twin, device, smoke)
     x_ours, x_twin = x.clone().requires_grad_(), x.clone().requires_grad_()
     grad = torch.randn_like(ours(x_ours)).detach()
     reference = loop_over_steps(twin) if case.per_step else fold(twin)
@@ -176,11 +181,7 @@ def kernel_breakdown(case, device, bandwidth, smoke, steps=10):
     """Where one of our training steps spends its time, kernel by kernel (ops on the CPU), and the
     bandwidth of each streaming pass against the copy's: tells which kernel to work on."""
     ours = case.ours().to(device)
-    shape = smoke_shape(case.shape, case.twin()) if smoke else case.shape
-    x = torch.randn(shape, device=device, dtype=case.dtype)
-    if case.channels_last:
-        x = x.movedim(2, -1).contiguous().movedim(-1, 2)
-    x.requires_grad_()
+    x = case_input(case, case.twin(), device, smoke).requires_grad_()
     grad = torch.randn_like(x)
     step = training_step(ours, ours, x, grad)
     for _ in range(3):

@@ -184,7 +184,6 @@ def test_a_training_step_moves_the_tensor_eight_times_in_16_byte_vectors(emulate
     assert (loaded, stored) == (access_bytes * loads, access_bytes * stores)
 
 
-
 def traced(emulated, op, *args):
     """op(*args) and the addresses of its kernels' loads, in the order they ran."""
     emulated.take_load_addresses()
