@@ -116,7 +116,7 @@ GRADCHECK_CASES = [
 
 
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: c[0])
-def test_gradcheck_and_gradgradcheck_float64(case):
+def test_gradcheck_gradgradcheck_and_forward_ad_float64(case):
     name, kwargs, size = case
     layer = getattr(mth.snn, name)(**kwargs, dtype=torch.float64)
     x = torch.randn(2, 2, kwargs["in_channels"], *size, dtype=torch.float64, requires_grad=True)
@@ -125,7 +125,8 @@ def test_gradcheck_and_gradgradcheck_float64(case):
         return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))
 
     inputs = (x, layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_())
-    assert torch.autograd.gradcheck(run, inputs)
+    # forward mode too (torch.func.jvp): the graph is ATen's own convolution node
+    assert torch.autograd.gradcheck(run, inputs, check_forward_ad=True)
     assert torch.autograd.gradgradcheck(run, inputs)
 
 

@@ -46,8 +46,8 @@ FoldedConv fold_and_pad(const at::Tensor& input, const at::Tensor& weight, const
 // Unfolds at::convolution's output back to [T, B, C, ...] when the input was multi-step.
 at::Tensor unfold_output(const at::Tensor& output, const FoldedConv& folded);
 
-// How a kernel convolves the folded tensor: plain ATen (CPU, CUDA, Meta) or through the
-// autograd function. Both share the signature of at::convolution_symint.
+// How a kernel convolves the folded tensor: at::convolution (CPU, Meta, Autograd), or with a
+// device guard first (CUDA). Both share the signature of at::convolution_symint.
 using Convolve = at::Tensor (*)(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation,
