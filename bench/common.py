@@ -51,12 +51,13 @@ def machine() -> str:
     return f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def print_table(title: str, rows: List[dict]) -> None:
+def print_table(title: str, rows: List[dict], unit: str = "ms") -> None:
+    scale = {"ms": 1.0, "us": 1e3}[unit]
     print(f"\n{title}  ({machine()})")
-    print("| case | ours (ms) | fold (ms) | ours / fold |")
+    print(f"| case | ours ({unit}) | fold ({unit}) | ours / fold |")
     print("|---|---|---|---|")
     for row in rows:
-        print(f"| {row['case']} | {row['ours_ms']:.3f} | {row['fold_ms']:.3f} | {row['ratio']:.3f} |")
+        print(f"| {row['case']} | {scale * row['ours_ms']:.3f} | {scale * row['fold_ms']:.3f} | {row['ratio']:.3f} |")
 
 
 def folded(layer):
@@ -74,7 +75,7 @@ def training_step(layer, forward, x, grad=None):
     return step
 
 
-def main(title: str, cases: List[Case]) -> None:
+def main(title: str, cases: List[Case], unit: str = "ms") -> None:
     """The command line of every bench script: ``--quick`` for a smoke run."""
     import argparse
 
@@ -82,4 +83,4 @@ def main(title: str, cases: List[Case]) -> None:
     parser.add_argument("--quick", action="store_true", help="one short round per case (a smoke run)")
     args = parser.parse_args()
     rows = compare(cases, rounds=1 if args.quick else 5, min_run_time=0.1 if args.quick else 1.0)
-    print_table(title, rows)
+    print_table(title, rows, unit)

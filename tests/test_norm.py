@@ -166,6 +166,63 @@ def test_eval_backward_after_the_running_statistics_changed_raises_like_torch():
         y.sum().backward()
 
 
+@pytest.mark.parametrize("wrt", ["input", "weight", "bias", "weight and bias"])
+def test_training_gradients_of_some_inputs_only_equal_torch(wrt):
+    ours, reference = twins("BatchNorm2d", dict(num_features=3), torch.float64)
+    x = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), reference(x_ref.flatten(0, 1)).unflatten(0, (2, 4))
+    pick = {"input": lambda layer, x: [x], "weight": lambda layer, x: [layer.weight],
+            "bias": lambda layer, x: [layer.bias], "weight and bias": lambda layer, x: [layer.weight, layer.bias]}[wrt]
+    grad = torch.randn_like(y)
+    for ours_grad, reference_grad in zip(torch.autograd.grad(y, pick(ours, x), grad),
+                                         torch.autograd.grad(y_ref, pick(reference, x_ref), grad)):
+        torch.testing.assert_close(ours_grad, reference_grad)
+
+
+def test_backward_twice_needs_retain_graph_and_then_accumulates_like_torch():
+    ours, reference = twins("BatchNorm2d", dict(num_features=3), torch.float64)
+    x = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), reference(x_ref.flatten(0, 1)).unflatten(0, (2, 4))
+    grad = torch.randn_like(y)
+    for _ in range(2):
+        y.backward(grad, retain_graph=True), y_ref.backward(grad, retain_graph=True)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
+    y.backward(grad)  # frees what the node saved
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.backward(grad)
+
+
+def test_saved_tensor_hooks_see_what_the_backward_saves():
+    ours, reference = twins("BatchNorm2d", dict(num_features=3), torch.float64)
+    x = torch.randn(2, 4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()  # as an offloading hook would: the backward must use what unpack returns
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = ours(x)
+    assert torch.Size([8, 3, 5, 5]) in packed  # the folded input
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x_ref = x.detach().clone().requires_grad_()
+    reference(x_ref.flatten(0, 1)).unflatten(0, (2, 4)).backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_forward_mode_ad_is_refused_clearly():
+    layer = mth.snn.BatchNorm2d(2)
+    x = torch.randn(2, 2, 2, 3, 3)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="BatchNorm: forward-mode AD .* is not supported"):
+            layer(dual)
+
+
 @pytest.mark.parametrize("per_step", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norm_gradcheck_float64_and_a_clear_double_backward_error(per_step, affine):
