@@ -104,7 +104,7 @@ bool rank_accepted(int64_t rank, int64_t dims, bool multi_step) {
 }
 
 // A parameter or running statistic: the input's dtype, or float32 beside a reduced-precision input.
-void check_parameter(const std::string& layer, const at::Tensor& input, const std::optional<at::Tensor>& param,
+void check_parameter(const LayerName& layer, const at::Tensor& input, const std::optional<at::Tensor>& param,
                      const char* name, int64_t num_features) {
   if (!param.has_value() || !param->defined()) return;
   TORCH_CHECK_VALUE(
@@ -126,7 +126,7 @@ void check_batch_norm_arguments(
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
     int64_t num_features, int64_t dims, bool multi_step, bool per_step, bool batch_first) {
   TORCH_CHECK_VALUE(dims >= 1 && dims <= 3, "batch_norm: dims must be 1, 2 or 3, got ", dims);
-  const std::string layer = c10::str("BatchNorm", dims, "d");
+  const LayerName layer{"BatchNorm", dims};
   TORCH_CHECK_VALUE(
       rank_accepted(input.dim(), dims, multi_step), layer, ": expected input ", accepted_shapes(dims), "; got a ",
       input.dim(), "-D tensor ",
@@ -207,6 +207,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_backward(
     const at::Tensor& mean, const at::Tensor& var, bool batch_statistics, double eps, int64_t groups,
     std::array<bool, 3> needs) {
   at::Tensor sum_dy, sum_dy_xmu, grad_input, grad_weight, grad_bias;
+  // the element op with a zero mean scales by invstd (and the weight); made once, on first use
+  at::Tensor zero_mean;
+  const auto zeros = [&]() -> const at::Tensor& {
+    if (!zero_mean.defined()) zero_mean = at::zeros_like(mean);
+    return zero_mean;
+  };
   if (needs[1] || needs[2] || (needs[0] && batch_statistics)) {
     std::tie(sum_dy, sum_dy_xmu) = call_backward_reduce(grad_output, input, mean, groups);
   }
@@ -215,14 +221,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_backward(
         ? call_backward_elemt(grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, eps,
                               input.sym_numel() / mean.sym_numel(), groups)
         // running statistics are constants: dx = dy * invstd * weight
-        : call_elemt(grad_output, at::zeros_like(mean), var, weight, std::nullopt, eps, groups);
+        : call_elemt(grad_output, zeros(), var, weight, std::nullopt, eps, groups);
   }
   // [G, C] -> [C]; with one group a view, not a kernel launch
   const auto over_groups = [](const at::Tensor& t) { return t.size(0) == 1 ? t.squeeze(0) : t.sum(0); };
   if (needs[1]) {
     // sum_dy_xmu * invstd per (group, channel) is the element op on [G, C] with a zero mean: one
     // kernel, where `sum_dy_xmu * (var + eps).rsqrt()` is three (and a scalar conversion)
-    const at::Tensor scaled = call_elemt(sum_dy_xmu, at::zeros_like(mean), var, std::nullopt, std::nullopt, eps, groups);
+    const at::Tensor scaled = call_elemt(sum_dy_xmu, zeros(), var, std::nullopt, std::nullopt, eps, groups);
     grad_weight = cast(over_groups(scaled), weight->scalar_type());
   }
   if (needs[2]) grad_bias = over_groups(sum_dy);

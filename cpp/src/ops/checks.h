@@ -1,5 +1,6 @@
 #pragma once
 // Argument checks shared by every op, phrased in the user's terms ([T, B, ...], torch dtypes).
+#include <ostream>
 #include <string>
 
 #include <ATen/core/Tensor.h>
@@ -12,9 +13,22 @@ inline std::string dtype_name(at::ScalarType type) {
   return "torch." + std::string(c10::getDtypeNames(type).first);
 }
 
-// A parameter of `layer` must share the input's dtype (TypeError) and device (ValueError).
-inline void check_same_dtype_and_device(
-    const char* layer, const at::Tensor& input, const at::Tensor& param, const char* param_name) {
+// A layer's name in messages, e.g. {"Conv", 2} -> "Conv2d". Streamed only when a check fails:
+// building a std::string on every call cost about a microsecond.
+struct LayerName {
+  const char* family;
+  int64_t dims;
+};
+
+inline std::ostream& operator<<(std::ostream& out, const LayerName& name) {
+  return out << name.family << name.dims << "d";
+}
+
+// A parameter of `layer` (a LayerName or a string) must share the input's dtype (TypeError) and
+// device (ValueError).
+template <typename Name>
+void check_same_dtype_and_device(
+    const Name& layer, const at::Tensor& input, const at::Tensor& param, const char* param_name) {
   TORCH_CHECK_TYPE(
       input.scalar_type() == param.scalar_type(), layer, ": the input's dtype ",
       dtype_name(input.scalar_type()), " does not match the layer's ", param_name, " dtype ",

@@ -39,7 +39,7 @@ std::string user_shape(const at::Tensor& input, int64_t dims) {
 }
 
 void check_sizes_argument(
-    const std::string& name, const char* what, c10::SymIntArrayRef values, int64_t dims,
+    const LayerName& name, const char* what, c10::SymIntArrayRef values, int64_t dims,
     int64_t minimum) {
   TORCH_CHECK_VALUE(
       values.size() == static_cast<size_t>(dims), name, ": ", what, " must have ", dims,
@@ -51,8 +51,8 @@ void check_sizes_argument(
 
 }  // namespace
 
-std::string conv_layer_name(const at::Tensor& weight, bool transposed) {
-  return c10::str(transposed ? "ConvTranspose" : "Conv", spatial_dims(weight), "d");
+LayerName conv_layer_name(const at::Tensor& weight, bool transposed) {
+  return {transposed ? "ConvTranspose" : "Conv", spatial_dims(weight)};
 }
 
 void check_conv_arguments(
@@ -63,7 +63,7 @@ void check_conv_arguments(
       "conv: weight must have 1 to 3 spatial dimensions ([C_out, C_in / groups, k...]), got ",
       weight.sym_sizes());
   const int64_t dims = spatial_dims(weight);
-  const std::string name = conv_layer_name(weight, spec.transposed);
+  const LayerName name = conv_layer_name(weight, spec.transposed);
   const char* spatial = spatial_names(dims);
 
   TORCH_CHECK_VALUE(spec.groups >= 1, name, ": groups must be positive, got ", spec.groups);
@@ -100,12 +100,12 @@ void check_conv_arguments(
       input.sym_size(-dims - 1) == in_channels, name, "(in_channels=", in_channels,
       "): expected input [T, B, ", in_channels, ", ", spatial, "] in multi-step mode or [B, ",
       in_channels, ", ", spatial, "] in single-step mode; got ", input.sym_sizes());
-  check_same_dtype_and_device(name.c_str(), input, weight, "weight");
+  check_same_dtype_and_device(name, input, weight, "weight");
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(
         bias->dim() == 1 && bias->sym_size(0) == out_channels, name, ": bias must be [out_channels] = [",
         out_channels, "], got ", bias->sym_sizes());
-    check_same_dtype_and_device(name.c_str(), input, *bias, "bias");
+    check_same_dtype_and_device(name, input, *bias, "bias");
   }
 
   // Spatial sizes: the kernel must fit the (padded) input; a transposed conv must produce output.
@@ -174,7 +174,7 @@ FoldedConv fold_and_pad(const at::Tensor& input, const at::Tensor& weight, const
   } else {
     // output_size picks output_padding, as torch.nn.ConvTransposeNd.forward does. The full
     // output shape ([T, B, C, ...] or [B, C, ...]) is accepted as well as the spatial sizes.
-    const std::string name = conv_layer_name(weight, true);
+    const LayerName name = conv_layer_name(weight, true);
     c10::SymIntArrayRef requested = *spec.output_size;
     if (requested.size() == static_cast<size_t>(dims + 2) || requested.size() == static_cast<size_t>(dims + 3)) {
       requested = requested.slice(requested.size() - dims);

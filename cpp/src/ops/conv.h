@@ -11,6 +11,8 @@
 #include <ATen/ops/convolution.h>
 #include <c10/core/SymIntArrayRef.h>
 
+#include "ops/checks.h"
+
 namespace matterhorn::ops::detail {
 
 // Everything about a convolution but its tensors; sizes are per spatial dimension.
@@ -26,7 +28,7 @@ struct ConvSpec {
 };
 
 // "Conv2d", "ConvTranspose3d", ... from the weight's rank.
-std::string conv_layer_name(const at::Tensor& weight, bool transposed);
+LayerName conv_layer_name(const at::Tensor& weight, bool transposed);
 
 // Raises ValueError/TypeError naming the layer, the accepted shapes in both modes and the
 // input's shape in the user's terms ([T, B, C, H, W], never the folded T*B).

@@ -13,19 +13,24 @@
 namespace matterhorn::ops {
 namespace {
 
+// "28, 28" for [28, 28]; only in messages, so built only when a check fails.
+std::string trailing_sizes(c10::SymIntArrayRef normalized_shape) {
+  const std::string shape = c10::str(normalized_shape);
+  return shape.substr(1, shape.size() - 2);
+}
+
 void check_layer_norm_arguments(
     const at::Tensor& input, c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias) {
   const auto dims = static_cast<int64_t>(normalized_shape.size());
-  const std::string shape = c10::str(normalized_shape);
-  const std::string trailing = shape.substr(1, shape.size() - 2);  // "28, 28"
   bool matches = input.dim() >= dims + 1;
   for (const auto d : c10::irange(dims)) {
     matches = matches && input.sym_size(input.dim() - dims + d) == normalized_shape[d];
   }
   TORCH_CHECK_VALUE(
-      matches, "LayerNorm(normalized_shape=", shape, "): expected input [T, B, ..., ", trailing,
-      "] in multi-step mode or [B, ..., ", trailing, "] in single-step mode; got ", input.sym_sizes());
+      matches, "LayerNorm(normalized_shape=", normalized_shape, "): expected input [T, B, ..., ",
+      trailing_sizes(normalized_shape), "] in multi-step mode or [B, ..., ", trailing_sizes(normalized_shape),
+      "] in single-step mode; got ", input.sym_sizes());
   for (const auto& [param, name] : {std::pair{weight, "weight"}, std::pair{bias, "bias"}}) {
     if (param.has_value() && param->defined()) {
       detail::check_same_dtype_and_device("LayerNorm", input, *param, name);
