@@ -52,12 +52,13 @@ def test_empty_time_axis_gives_empty_output():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck_and_gradgradcheck_float64(bias):
+def test_gradcheck_gradgradcheck_and_forward_ad_float64(bias):
     x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True) if bias else None
     inputs = (x, w, b)
-    assert torch.autograd.gradcheck(torch.ops.matterhorn.linear, inputs)
+    # forward mode too (torch.func.jvp): the graph is ATen's own addmm / mm
+    assert torch.autograd.gradcheck(torch.ops.matterhorn.linear, inputs, check_forward_ad=True)
     assert torch.autograd.gradgradcheck(torch.ops.matterhorn.linear, inputs)
 
 

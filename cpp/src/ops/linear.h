@@ -22,4 +22,12 @@ at::Tensor fold_leading_dims(const at::Tensor& t);
 at::Tensor linear_folded(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
+// Checks, then linear_folded: the CPU kernel, and the Autograd one, where the ATen ops record
+// their own derivatives (the graph torch.nn.Linear records on the folded tensor).
+inline at::Tensor checked_linear(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_linear_arguments(input, weight, bias);
+  return linear_folded(input, weight, bias);
+}
+
 }  // namespace matterhorn::ops::detail

@@ -8,9 +8,8 @@ namespace {
 
 at::Tensor linear_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  matterhorn::ops::detail::check_linear_arguments(input, weight, bias);
   const c10::cuda::CUDAGuard device_guard(input.device());
-  return matterhorn::ops::detail::linear_folded(input, weight, bias);
+  return matterhorn::ops::detail::checked_linear(input, weight, bias);
 }
 
 }  // namespace
