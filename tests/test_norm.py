@@ -14,6 +14,8 @@ BN_SHAPES = [
     ("BatchNorm1d", (5, 7), ["contiguous", "channels_last"]),
     ("BatchNorm2d", (4, 5, 6), ["contiguous", "channels_last"]),
     ("BatchNorm3d", (3, 4, 3, 5), ["contiguous", "channels_last"]),
+    # channels_last reductions work on blocks of 32 channels: two whole blocks and a part
+    ("BatchNorm2d", (70, 3, 2), ["contiguous", "channels_last"]),
 ]
 OPTIONS = {
     "default": dict(),
