@@ -19,7 +19,7 @@ from common import Case, folded, main, training_step  # noqa: E402
 CASES = [
     ("BatchNorm2d 128ch 32x32, T=4 B=4 (8 MiB)", lambda: mth.snn.BatchNorm2d(128), lambda: nn.BatchNorm2d(128), (4, 4, 128, 32, 32), False),
     ("  same, channels_last", lambda: mth.snn.BatchNorm2d(128), lambda: nn.BatchNorm2d(128), (4, 4, 128, 32, 32), True),
-    ("BatchNorm2d 64ch 128x128, T=4 B=4 (16 MiB)", lambda: mth.snn.BatchNorm2d(64), lambda: nn.BatchNorm2d(64), (4, 4, 64, 128, 128), False),
+    ("BatchNorm2d 64ch 128x128, T=4 B=4 (64 MiB)", lambda: mth.snn.BatchNorm2d(64), lambda: nn.BatchNorm2d(64), (4, 4, 64, 128, 128), False),
     ("  same, channels_last", lambda: mth.snn.BatchNorm2d(64), lambda: nn.BatchNorm2d(64), (4, 4, 64, 128, 128), True),
     ("LayerNorm(384), T=4 B=16 N=64", lambda: mth.snn.LayerNorm(384), lambda: nn.LayerNorm(384), (4, 16, 64, 384), False),
     ("LayerNorm(768), T=4 B=4 N=196", lambda: mth.snn.LayerNorm(768), lambda: nn.LayerNorm(768), (4, 4, 196, 768), False),
