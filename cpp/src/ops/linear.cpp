@@ -41,9 +41,14 @@ c10::SymDimVector linear_output_sizes(const at::Tensor& input, const at::Tensor&
   return sizes;
 }
 
+namespace {
+
+// [..., F] -> [N, F], N the product of the leading sizes (1 for a 1-D input); a view when possible.
 at::Tensor fold_leading_dims(const at::Tensor& t) {
   return t.dim() == 1 ? t.unsqueeze(0) : t.flatten(0, -2);
 }
+
+}  // namespace
 
 at::Tensor linear_folded(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {

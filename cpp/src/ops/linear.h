@@ -14,9 +14,6 @@ void check_linear_arguments(
 // Sizes of the output: the input's with the last one replaced by out_features.
 c10::SymDimVector linear_output_sizes(const at::Tensor& input, const at::Tensor& weight);
 
-// [..., F] -> [N, F], N the product of the leading sizes (1 for a 1-D input); a view when possible.
-at::Tensor fold_leading_dims(const at::Tensor& t);
-
 // The forward computation on any device with ATen: one GEMM over the folded rows.
 // Expects checked arguments.
 at::Tensor linear_folded(
