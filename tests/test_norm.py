@@ -1,4 +1,4 @@
-"""BatchNorm and LayerNorm against torch.nn on the folded tensor, and the normalization ops."""
+"""BatchNorm against torch.nn on the folded tensor, and the BatchNorm ops (LayerNorm: test_layer_norm.py)."""
 
 import inspect
 
@@ -268,8 +268,6 @@ def batch_norm_sample_inputs():
         (torch.ops.matterhorn.batch_norm_backward_elemt.default,
          (t(6, C, 4), t(6, C, 4), t(3, C), t(3, C).abs(), t(C), t(3, C), t(3, C), 1e-5, 8, 3)),
         (torch.ops.matterhorn.batch_norm_update_stats.default, (t(2, C), t(2, C).abs(), 10, *stats(), 0.1)),
-        (torch.ops.matterhorn.layer_norm.default, (t(3, 2, 4, 5, grad=True), [4, 5], t(4, 5, grad=True), t(4, 5, grad=True), 1e-5)),
-        (torch.ops.matterhorn.layer_norm.default, (t(3, 2, 6, grad=True), [6], None, None, 1e-5)),
     ]
     return samples
 
@@ -278,43 +276,6 @@ def batch_norm_sample_inputs():
 def test_opcheck(sample):
     op, args = sample
     torch.library.opcheck(op, args)
-
-
-# ---- LayerNorm ------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("shape,normalized_shape", [
-    ((6, 10), (10,)),             # [B, F]: the published 2.0.0 fails here
-    ((3, 6, 10), (10,)),          # [T, B, F]
-    ((3, 2, 4, 5, 6), (5, 6)),    # [T, B, C, H, W] over (H, W)
-    ((3, 2, 4, 5, 6), (4, 5, 6)),
-])
-@pytest.mark.parametrize("affine", [dict(), dict(elementwise_affine=False), dict(bias=False)], ids=["affine", "no-affine", "no-bias"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_layer_norm_equals_torch(shape, normalized_shape, affine, dtype):
-    ours = mth.snn.LayerNorm(normalized_shape, **affine, dtype=dtype)
-    reference = nn.LayerNorm(normalized_shape, **affine, dtype=dtype)
-    if ours.weight is not None:
-        with torch.no_grad():
-            ours.weight.uniform_(0.5, 1.5)
-    reference.load_state_dict(ours.state_dict())
-    x = torch.randn(shape, dtype=dtype, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    y, y_ref = ours(x), reference(x_ref)
-    torch.testing.assert_close(y, y_ref)
-    y.backward(torch.ones_like(y) * torch.arange(y.shape[-1], dtype=dtype))
-    y_ref.backward(torch.ones_like(y_ref) * torch.arange(y.shape[-1], dtype=dtype))
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    for a, b in zip(ours.parameters(), reference.parameters()):
-        torch.testing.assert_close(a.grad, b.grad)
-    ours.single_step_mode_()
-    torch.testing.assert_close(ours(x), y)  # the same in both modes
-
-
-def test_layer_norm_gradcheck():
-    layer = mth.snn.LayerNorm((3, 2), dtype=torch.float64)
-    x = torch.randn(2, 2, 3, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(layer, (x,))
-    assert torch.autograd.gradgradcheck(layer, (x,))
 
 
 # ---- errors in the user's terms ---------------------------------------------------------------
@@ -354,8 +315,3 @@ class TestErrors:
     def test_bad_num_features(self):
         with pytest.raises(ValueError, match=r"BatchNorm2d: num_features must be .* >= 1, got 0"):
             mth.snn.BatchNorm2d(0)
-
-    def test_layer_norm_wrong_trailing_shape(self):
-        with pytest.raises(ValueError, match=r"LayerNorm\(normalized_shape=\[5, 6\]\): expected input \[T, B, \.\.\., 5, 6\] "
-                                             r"in multi-step mode or \[B, \.\.\., 5, 6\] in single-step mode; got \[2, 3, 6, 5\]"):
-            mth.snn.LayerNorm((5, 6))(torch.randn(2, 3, 6, 5))

@@ -110,15 +110,7 @@ void check_parameter(const LayerName& layer, const at::Tensor& input, const std:
   TORCH_CHECK_VALUE(
       param->dim() == 1 && param->sym_size(0) == num_features, layer, ": ", name, " must be [num_features] = [",
       num_features, "], got ", param->sym_sizes());
-  const bool reduced_input = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
-  TORCH_CHECK_TYPE(
-      param->scalar_type() == input.scalar_type() || (reduced_input && param->scalar_type() == at::kFloat), layer,
-      ": the input's dtype ", dtype_name(input.scalar_type()), " does not match the layer's ", name, " dtype ",
-      dtype_name(param->scalar_type()), "; cast the input or call .to(", dtype_name(input.scalar_type()),
-      ") on the layer");
-  TORCH_CHECK_VALUE(
-      input.device() == param->device(), layer, ": the input is on ", input.device(), " but the layer's ", name,
-      " is on ", param->device(), "; move one of them with .to(device)");
+  check_norm_parameter_dtype_and_device(layer, input, *param, name);
 }
 
 void check_batch_norm_arguments(

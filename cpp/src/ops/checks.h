@@ -40,4 +40,20 @@ void check_same_dtype_and_device(
       "; move one of them with .to(device)");
 }
 
+// A normalization's parameter (or running statistic) of `layer`: the input's dtype, or float32
+// beside a float16/bfloat16 input, as torch's normalizations accept (TypeError); the input's
+// device (ValueError).
+template <typename Name>
+void check_norm_parameter_dtype_and_device(
+    const Name& layer, const at::Tensor& input, const at::Tensor& param, const char* param_name) {
+  const bool reduced_input = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  if (reduced_input && param.scalar_type() == at::kFloat) {
+    TORCH_CHECK_VALUE(
+        input.device() == param.device(), layer, ": the input is on ", input.device(), " but the layer's ",
+        param_name, " is on ", param.device(), "; move one of them with .to(device)");
+    return;
+  }
+  check_same_dtype_and_device(layer, input, param, param_name);
+}
+
 }  // namespace matterhorn::ops::detail

@@ -1,14 +1,14 @@
 // matterhorn::layer_norm: LayerNorm over the trailing normalized_shape of [T, B, ..., *shape] or
-// [B, ..., *shape]. Checks in the user's terms, then ATen's layer norm (measured within a few
-// percent of the fold: it already treats all leading dimensions as one batch). A composite, so
-// ATen's CPU, CUDA, Meta and autograd kernels serve every key.
+// [B, ..., *shape]. Checks in the user's terms, then matterhorn::layer_norm_normalize on the rows
+// (all leading dimensions are one batch of rows: no fold needed). Schemas of the building blocks
+// and their shared checks live here too (see ops/layer_norm.h).
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/layer_norm.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
 #include "matterhorn/ops/layer_norm.h"
 #include "ops/checks.h"
+#include "ops/layer_norm.h"
 
 namespace matterhorn::ops {
 namespace {
@@ -33,7 +33,7 @@ void check_layer_norm_arguments(
       "] in single-step mode; got ", input.sym_sizes());
   for (const auto& [param, name] : {std::pair{weight, "weight"}, std::pair{bias, "bias"}}) {
     if (param.has_value() && param->defined()) {
-      detail::check_same_dtype_and_device("LayerNorm", input, *param, name);
+      detail::check_norm_parameter_dtype_and_device("LayerNorm", input, *param, name);
     }
   }
 }
@@ -42,10 +42,41 @@ at::Tensor layer_norm_composite(
     const at::Tensor& input, c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
   check_layer_norm_arguments(input, normalized_shape, weight, bias);
-  return at::layer_norm_symint(input, normalized_shape, weight, bias, eps);
+  static const auto normalize = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("matterhorn::layer_norm_normalize", "")
+                                    .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                        const at::Tensor&, c10::SymIntArrayRef, const std::optional<at::Tensor>&,
+                                        const std::optional<at::Tensor>&, double)>();
+  return std::get<0>(normalize.call(input, normalized_shape, weight, bias, eps));
 }
 
 }  // namespace
+
+namespace detail {
+
+void check_layer_norm_block(
+    const char* op, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+  const auto dims = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK_VALUE(
+      dims >= 1 && input.dim() >= dims, op, ": expected an input [..., ", trailing_sizes(normalized_shape),
+      "], got ", input.sym_sizes());
+  for (const auto d : c10::irange(dims)) {
+    TORCH_CHECK_VALUE(
+        normalized_shape[d] >= 1 && input.sym_size(input.dim() - dims + d) == normalized_shape[d], op,
+        ": expected an input [..., ", trailing_sizes(normalized_shape), "] with sizes >= 1, got ", input.sym_sizes());
+  }
+  for (const auto& [param, name] : {std::pair{weight, "weight"}, std::pair{bias, "bias"}}) {
+    if (param.has_value() && param->defined()) {
+      TORCH_CHECK_VALUE(
+          param->sym_sizes() == normalized_shape, op, ": expected ", name, " of shape ", normalized_shape, ", got ",
+          param->sym_sizes());
+      check_norm_parameter_dtype_and_device(op, input, *param, name);
+    }
+  }
+}
+
+}  // namespace detail
 
 at::Tensor layer_norm(
     const at::Tensor& input, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
@@ -60,6 +91,12 @@ at::Tensor layer_norm(
 
 TORCH_LIBRARY_FRAGMENT(matterhorn, m) {
   m.def("layer_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, Tensor? bias=None, float eps=1e-05) -> Tensor");
+  m.def(
+      "layer_norm_normalize(Tensor input, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor output, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_backward(Tensor grad_output, Tensor input, SymInt[] normalized_shape, Tensor mean, Tensor rstd, "
+      "Tensor? weight) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(matterhorn, CompositeImplicitAutograd, m) {

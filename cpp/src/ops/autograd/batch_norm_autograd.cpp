@@ -2,12 +2,11 @@
 // with one reduction pass and one element pass (matterhorn::batch_norm_backward_reduce / _elemt).
 // The backward is a hand-written autograd node, as torch's generated ones are: the generic
 // torch::autograd::Function costs about 12 us more per step (its context, output wrapping).
-#include <type_traits>
-
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include "ops/autograd/node.h"
 #include "ops/batch_norm.h"
 
 namespace {
@@ -52,17 +51,6 @@ struct BatchNormNormalizeBackward final : torch::autograd::Node {
   }
 };
 
-// torch 2.11 holds autograd nodes in std::shared_ptr, later releases in c10::intrusive_ptr.
-template <typename T>
-auto make_node() {
-  using NodePointer = decltype(torch::autograd::Edge::function);
-  if constexpr (std::is_same_v<NodePointer, std::shared_ptr<torch::autograd::Node>>) {
-    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });  // torch::autograd's, found by ADL
-  } else {
-    return c10::make_intrusive<T>();
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_normalize_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
@@ -79,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_normalize_autograd(
         input, weight, bias, running_mean, running_var, batch_statistics, eps, groups);
   }();
   if (record) {
-    auto node = make_node<BatchNormNormalizeBackward>();
+    auto node = matterhorn::ops::detail::make_node<BatchNormNormalizeBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
     node->input = SavedVariable(input, false);
     node->weight = SavedVariable(weight, false);

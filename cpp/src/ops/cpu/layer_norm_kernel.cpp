@@ -1,0 +1,225 @@
+// CPU kernels of the LayerNorm building blocks (see ops/layer_norm.h). One pass over memory each
+// way: forward, a row's moments and then its output while the row is in cache; backward, a row's
+// two sums and then its input gradient, the weight and bias gradients summed per task in cache and
+// merged in task order (the same result every run at a given thread count). float32
+// accumulation for float16/bfloat16, whose parameters may be float16/bfloat16 or float32.
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include "ops/batch_norm.h"  // Moments, cast, dense
+#include "ops/layer_norm.h"
+
+namespace {
+
+using matterhorn::ops::detail::Moments;
+using matterhorn::ops::detail::cast;
+using matterhorn::ops::detail::check_layer_norm_block;
+using matterhorn::ops::detail::dense;
+using matterhorn::ops::detail::statistics_shape;
+
+constexpr int64_t kElementsPerTask = 32768;  // smallest parallel task
+constexpr int64_t kChunk = 4096;             // a row's moments per chunk (in L1), merged with Chan's formula
+
+int64_t rows_per_task(int64_t D) { return std::max<int64_t>(1, kElementsPerTask / D); }
+
+// Calls f with compile-time flags for "has weight" and "has bias": each combination gets its own
+// vectorised loop, with no test per element.
+template <typename F>
+void with_affine(bool weight, bool bias, F&& f) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (weight && bias) f(Yes{}, Yes{});
+  else if (weight) f(Yes{}, No{});
+  else if (bias) f(No{}, Yes{});
+  else f(No{}, No{});
+}
+
+template <typename scalar_t, typename acc_t>
+Moments<acc_t> row_moments(const scalar_t* row, int64_t D) {
+  Moments<acc_t> moments;
+  for (int64_t first = 0; first < D; first += kChunk) {
+    const int64_t n = std::min(kChunk, D - first);
+    const scalar_t* x = row + first;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(x[i]);
+    const acc_t mean = sum / static_cast<acc_t>(n);
+    acc_t m2 = 0;
+#pragma omp simd reduction(+ : m2)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t d = static_cast<acc_t>(x[i]) - mean;
+      m2 += d * d;
+    }
+    moments.merge(static_cast<acc_t>(n), mean, m2);
+  }
+  return moments;
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const scalar_t* x, const acc_t* w, const acc_t* b, scalar_t* y, acc_t* mean,
+                    acc_t* rstd, int64_t N, int64_t D, acc_t eps) {
+  with_affine(w != nullptr, b != nullptr, [&](auto has_weight, auto has_bias) {
+    constexpr bool kWeight = decltype(has_weight)::value, kBias = decltype(has_bias)::value;
+    at::parallel_for(0, N, rows_per_task(D), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* xr = x + n * D;
+        scalar_t* yr = y + n * D;
+        const auto moments = row_moments<scalar_t, acc_t>(xr, D);
+        const acc_t mu = moments.mean, r = acc_t(1) / std::sqrt(moments.m2 / static_cast<acc_t>(D) + eps);
+        mean[n] = mu;
+        rstd[n] = r;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) {
+          acc_t v = (static_cast<acc_t>(xr[i]) - mu) * r;
+          if constexpr (kWeight) v *= w[i];
+          if constexpr (kBias) v += b[i];
+          yr[i] = static_cast<scalar_t>(v);
+        }
+      }
+    });
+  });
+}
+
+// dx = rstd * (dy*w - (sum(dy*w) + xhat * sum(dy*w*xhat)) / D), xhat = (x - mean) * rstd;
+// dw = sum over rows of dy * xhat, db = sum over rows of dy (only with a weight).
+template <typename scalar_t, typename acc_t>
+void backward_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* mean, const acc_t* rstd, const acc_t* w,
+                     scalar_t* dx, acc_t* dw, acc_t* db, int64_t N, int64_t D) {
+  // one task per thread (at most), each with its own [2, D] partial sums of dw and db
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / rows_per_task(D)));
+  std::vector<acc_t> partial(w != nullptr ? tasks * 2 * D : 0, acc_t(0));
+  const acc_t inv_D = acc_t(1) / static_cast<acc_t>(D);
+  with_affine(w != nullptr, false, [&](auto has_weight, auto) {
+    constexpr bool kWeight = decltype(has_weight)::value;
+    at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        acc_t* dw_sum = kWeight ? partial.data() + task * 2 * D : nullptr;
+        acc_t* db_sum = kWeight ? dw_sum + D : nullptr;
+        for (int64_t n = N * task / tasks; n < N * (task + 1) / tasks; ++n) {
+          const scalar_t* dyr = dy + n * D;
+          const scalar_t* xr = x + n * D;
+          scalar_t* dxr = dx + n * D;
+          const acc_t mu = mean[n], r = rstd[n];
+          acc_t sum_g = 0, sum_g_xhat = 0;  // g = dy * w
+#pragma omp simd reduction(+ : sum_g, sum_g_xhat)
+          for (int64_t i = 0; i < D; ++i) {
+            const acc_t d = static_cast<acc_t>(dyr[i]), xhat = (static_cast<acc_t>(xr[i]) - mu) * r;
+            acc_t g = d;
+            if constexpr (kWeight) {
+              g *= w[i];
+              dw_sum[i] += d * xhat;
+              db_sum[i] += d;
+            }
+            sum_g += g;
+            sum_g_xhat += g * xhat;
+          }
+          sum_g *= inv_D;
+          sum_g_xhat *= inv_D;
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) {
+            const acc_t xhat = (static_cast<acc_t>(xr[i]) - mu) * r;
+            acc_t g = static_cast<acc_t>(dyr[i]);
+            if constexpr (kWeight) g *= w[i];
+            dxr[i] = static_cast<scalar_t>(r * (g - sum_g - xhat * sum_g_xhat));
+          }
+        }
+      }
+    });
+  });
+  if (w == nullptr) return;
+  at::parallel_for(0, D, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t dw_i = 0, db_i = 0;
+      for (int64_t task = 0; task < tasks; ++task) {
+        dw_i += partial[task * 2 * D + i];
+        db_i += partial[task * 2 * D + D + i];
+      }
+      dw[i] = dw_i;
+      db[i] = db_i;
+    }
+  });
+}
+
+// A parameter as a contiguous tensor of the accumulation type (float32 for float16/bfloat16
+// inputs, whose parameters may be either), or undefined.
+at::Tensor accumulation_typed(const std::optional<at::Tensor>& param, const at::Tensor& input) {
+  return param.has_value() && param->defined() ? dense(cast(*param, at::toOpMathType(input.scalar_type())))
+                                               : at::Tensor();
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_cpu(
+    const at::Tensor& input, c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  check_layer_norm_block("layer_norm_normalize", input, normalized_shape, weight, bias);
+  const at::Tensor x = dense(input), w = accumulation_typed(weight, input), b = accumulation_typed(bias, input);
+  const auto stats_shape = C10_AS_INTARRAYREF_SLOW(statistics_shape(input, normalized_shape));
+  const auto stats_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor mean = at::empty(stats_shape, stats_options), rstd = at::empty(stats_shape, stats_options);
+  const int64_t N = mean.numel(), D = N == 0 ? 1 : x.numel() / N;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_normalize", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t, acc_t>(
+        x.const_data_ptr<scalar_t>(), data_or_null<acc_t>(w), data_or_null<acc_t>(b), y.mutable_data_ptr<scalar_t>(),
+        mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), N, D, static_cast<acc_t>(eps));
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight) {
+  check_layer_norm_block("layer_norm_backward", input, normalized_shape, weight);
+  const auto stats_shape = statistics_shape(input, normalized_shape);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  for (const auto& [stat, name] : {std::pair{&mean, "mean"}, std::pair{&rstd, "rstd"}}) {
+    TORCH_CHECK_VALUE(
+        stat->sym_sizes() == stats_shape && stat->scalar_type() == acc_type, "layer_norm_backward: expected ",
+        name, " of shape ", stats_shape, " and dtype ", acc_type, ", got ", stat->sym_sizes(), " ",
+        stat->scalar_type());
+  }
+  TORCH_CHECK_VALUE(
+      grad_output.sym_sizes() == input.sym_sizes() && grad_output.scalar_type() == input.scalar_type(),
+      "layer_norm_backward: grad_output must match the input's shape and dtype");
+  const at::Tensor x = dense(input), dy = dense(grad_output), m = dense(mean), r = dense(rstd);
+  const at::Tensor w = accumulation_typed(weight, input);
+  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  // the parameters' gradients in the accumulation type, handed back in the weight's dtype
+  at::Tensor dw = w.defined() ? at::zeros_like(w) : at::empty({0}, x.options());
+  at::Tensor db = w.defined() ? at::zeros_like(w) : at::empty({0}, x.options());
+  const int64_t N = m.numel(), D = N == 0 ? 1 : x.numel() / N;
+  if (N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      backward_kernel<scalar_t, acc_t>(
+          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(),
+          r.const_data_ptr<acc_t>(), data_or_null<acc_t>(w), dx.mutable_data_ptr<scalar_t>(),
+          w.defined() ? dw.mutable_data_ptr<acc_t>() : nullptr, w.defined() ? db.mutable_data_ptr<acc_t>() : nullptr,
+          N, D);
+    });
+  }
+  if (!w.defined()) return {dx, dw, db};
+  return {dx, cast(dw, weight->scalar_type()), cast(db, weight->scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(matterhorn, CPU, m) {
+  m.impl("layer_norm_normalize", &normalize_cpu);
+  m.impl("layer_norm_backward", &backward_cpu);
+}

@@ -1,0 +1,209 @@
+"""LayerNorm against torch.nn, and the LayerNorm ops (layer_norm, layer_norm_normalize, layer_norm_backward)."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import matterhorn_pytorch as mth
+
+ops = torch.ops.matterhorn
+
+
+@pytest.mark.parametrize("shape,normalized_shape", [
+    ((6, 10), (10,)),             # [B, F]: the published 2.0.0 fails here
+    ((3, 6, 10), (10,)),          # [T, B, F]
+    ((3, 2, 4, 5, 6), (5, 6)),    # [T, B, C, H, W] over (H, W)
+    ((3, 2, 4, 5, 6), (4, 5, 6)),
+    ((2, 3, 4097), (4097,)),      # a row longer than one chunk of the moments (4096)
+    ((64, 16, 40), (40,)),        # enough rows for one task per thread in the backward
+])
+@pytest.mark.parametrize("affine", [dict(), dict(elementwise_affine=False), dict(bias=False)], ids=["affine", "no-affine", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_norm_equals_torch(shape, normalized_shape, affine, dtype):
+    ours = mth.snn.LayerNorm(normalized_shape, **affine, dtype=dtype)
+    reference = nn.LayerNorm(normalized_shape, **affine, dtype=dtype)
+    if ours.weight is not None:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5)
+            if ours.bias is not None:
+                ours.bias.uniform_(-1, 1)
+    reference.load_state_dict(ours.state_dict())
+    x = (3 * torch.randn(shape, dtype=dtype) + 5).requires_grad_()  # an offset mean: a one-pass variance would lose digits
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), reference(x_ref)
+    torch.testing.assert_close(y, y_ref)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    # the parameters' gradients are sums over every row, in another order than torch's: in float32
+    # both are within about 5e-5 of float64 on 1024 rows (measured)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    for a, b in zip(ours.parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **tolerance)
+    ours.single_step_mode_()
+    torch.testing.assert_close(ours(x), y)  # the same in both modes
+
+
+def test_one_value_per_row_gives_the_bias_and_no_input_gradient():
+    layer = mth.snn.LayerNorm(1)
+    with torch.no_grad():
+        layer.bias.fill_(0.25)
+    x = torch.randn(3, 2, 1, requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, torch.full_like(y, 0.25))  # x - mean is exactly 0 (torch's own: within 1e-5)
+    y.backward(torch.randn_like(y))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert torch.equal(layer.weight.grad, torch.zeros(1))
+
+
+def test_non_contiguous_input_and_gradient():
+    ours, reference = mth.snn.LayerNorm(6), nn.LayerNorm(6)
+    x = torch.randn(6, 4, 3).transpose(0, 2).requires_grad_()  # [3, 4, 6], not contiguous
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), reference(x_ref)
+    torch.testing.assert_close(y, y_ref)
+    y.sum().backward()  # an expanded (stride 0) gradient
+    y_ref.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_accumulate_in_float32(dtype):
+    ours = mth.snn.LayerNorm(384, dtype=dtype)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+    reference = nn.LayerNorm(384)  # float32 throughout, on the same rounded values
+    reference.load_state_dict({k: v.float() for k, v in ours.state_dict().items()})
+    x = (torch.randn(4, 8, 384) + 3).to(dtype).requires_grad_()
+    x_ref = x.detach().float().requires_grad_()
+    y, y_ref = ours(x), reference(x_ref)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), y_ref, rtol=1e-2, atol=2e-2)
+    grad = torch.randn_like(y_ref)
+    y.backward(grad.to(dtype))
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad.float(), x_ref.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.weight.grad.float(), reference.weight.grad, rtol=2e-2, atol=0.5)
+    _, mean, rstd = ops.layer_norm_normalize(x.detach(), [384], None, None, 1e-5)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (4, 8)
+
+
+def test_layer_norm_gradcheck():
+    layer = mth.snn.LayerNorm((3, 2), dtype=torch.float64)
+    x = torch.randn(2, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+    assert torch.autograd.gradgradcheck(layer, (x,))  # create_graph=True takes ATen's backward
+
+
+@pytest.mark.parametrize("params", ["weight and bias", "weight", "bias", "none"])
+def test_normalize_op_gradcheck_forward_ad_and_gradgradcheck_float64(params):
+    t = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    x, w, b = t(3, 4, 5), t(4, 5) if "weight" in params else None, t(4, 5) if "bias" in params else None
+
+    def run(x, w, b):
+        return ops.layer_norm_normalize(x, [4, 5], w, b, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(run, (x, w, b), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(run, (x, w, b))
+
+
+@pytest.mark.parametrize("wrt", ["input", "weight", "bias"])
+def test_gradients_of_some_inputs_only_equal_torch(wrt):
+    x, w, b = torch.randn(3, 4, 7), torch.rand(7) + 0.5, torch.randn(7)
+    tensors = dict(input=x, weight=w, bias=b)
+    tensors[wrt].requires_grad_()
+    y = ops.layer_norm(x, [7], w, b, 1e-5)
+    (grad,) = torch.autograd.grad(y, tensors[wrt], torch.randn_like(y))
+    reference = dict(input=x, weight=w, bias=b)
+    reference = {k: v.detach().clone().requires_grad_(k == wrt) for k, v in reference.items()}
+    y_ref = F.layer_norm(reference["input"], [7], reference["weight"], reference["bias"])
+    torch.manual_seed(0)
+    (grad_ref,) = torch.autograd.grad(y_ref, reference[wrt], torch.randn_like(y_ref))
+    torch.manual_seed(0)
+    (grad,) = torch.autograd.grad(ops.layer_norm(x, [7], w, b, 1e-5), tensors[wrt], torch.randn_like(y))
+    torch.testing.assert_close(grad, grad_ref)
+
+
+def test_no_graph_without_gradients_and_backward_twice_needs_retain_graph():
+    x = torch.randn(2, 3, 5)
+    layer = mth.snn.LayerNorm(5)
+    with torch.no_grad():
+        assert layer(x.requires_grad_()).grad_fn is None
+    y = layer(x)
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+
+
+def test_cpu_autocast_and_a_bfloat16_input_with_float32_parameters_like_torch():
+    ours, reference = mth.snn.LayerNorm(8), nn.LayerNorm(8)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 8).bfloat16().requires_grad_()  # what a previous autocast layer hands on
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = ours(x), reference(x_ref)
+    assert y.dtype == y_ref.dtype == torch.bfloat16  # torch's CPU autocast leaves layer_norm alone
+    torch.testing.assert_close(y, y_ref)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert ours.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-2, atol=1e-2)
+
+
+def sample_inputs():
+    def t(*shape, grad=False, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype, requires_grad=grad)
+
+    def stats(*shape):
+        return torch.randn(*shape), torch.rand(*shape) + 0.5
+
+    return [
+        (ops.layer_norm.default, (t(3, 2, 4, 5, grad=True), [4, 5], t(4, 5, grad=True), t(4, 5, grad=True), 1e-5)),
+        (ops.layer_norm.default, (t(3, 2, 6, grad=True), [6], None, None, 1e-5)),
+        (ops.layer_norm_normalize.default, (t(3, 2, 6, grad=True), [6], t(6, grad=True), None, 1e-5)),
+        (ops.layer_norm_normalize.default, (t(4, 5, dtype=torch.bfloat16), [5], None, t(5, dtype=torch.bfloat16), 1e-3)),
+        (ops.layer_norm_normalize.default, (t(4, 5, dtype=torch.bfloat16, grad=True), [5], t(5, grad=True), t(5), 1e-5)),
+        (ops.layer_norm_backward.default, (t(3, 2, 6), t(3, 2, 6), [6], *stats(3, 2), t(6))),
+        (ops.layer_norm_backward.default, (t(3, 2, 6), t(3, 2, 6), [2, 6], *stats(3), None)),
+        (ops.layer_norm_backward.default,
+         (t(3, 6, dtype=torch.float16), t(3, 6, dtype=torch.float16), [6], *stats(3), t(6, dtype=torch.float16))),
+    ]
+
+
+@pytest.mark.parametrize("sample", sample_inputs(), ids=lambda s: str(s[0]).split(".")[-2])
+def test_opcheck(sample):
+    op, args = sample
+    torch.library.opcheck(op, args)
+
+
+class TestErrors:
+    def test_wrong_trailing_shape(self):
+        with pytest.raises(ValueError, match=r"LayerNorm\(normalized_shape=\[5, 6\]\): expected input \[T, B, \.\.\., 5, 6\] "
+                                             r"in multi-step mode or \[B, \.\.\., 5, 6\] in single-step mode; got \[2, 3, 6, 5\]"):
+            mth.snn.LayerNorm((5, 6))(torch.randn(2, 3, 6, 5))
+
+    def test_weight_of_another_dtype(self):
+        with pytest.raises(TypeError, match=r"LayerNorm: the input's dtype torch.float64 does not match the layer's weight"):
+            mth.snn.LayerNorm(4)(torch.randn(2, 3, 4, dtype=torch.float64))
+        with pytest.raises(TypeError, match=r"the input's dtype torch.bfloat16 does not match the layer's weight dtype torch.float16"):
+            mth.snn.LayerNorm(4, dtype=torch.float16)(torch.randn(2, 3, 4, dtype=torch.bfloat16))
+
+    def test_building_block_with_a_wrong_weight_shape(self):
+        with pytest.raises(ValueError, match=r"layer_norm_normalize: expected weight of shape \[6\], got \[5\]"):
+            ops.layer_norm_normalize(torch.randn(2, 6), [6], torch.randn(5), None, 1e-5)
+
+    def test_building_block_with_a_zero_normalized_size(self):
+        with pytest.raises(ValueError, match=r"layer_norm_normalize: expected an input \[\.\.\., 0\] with sizes >= 1"):
+            ops.layer_norm_normalize(torch.randn(2, 0), [0], None, None, 1e-5)
+
+    def test_backward_with_statistics_of_the_wrong_shape(self):
+        with pytest.raises(ValueError, match=r"layer_norm_backward: expected mean of shape \[3\]"):
+            ops.layer_norm_backward(torch.randn(3, 6), torch.randn(3, 6), [6], torch.zeros(4), torch.ones(3), None)
