@@ -1,6 +1,8 @@
 """Normalization: mth.snn.BatchNorm2d / LayerNorm against torch.nn on the folded tensor,
 forward+backward in training. The cases of ../shared/ANCHORS.md with B scaled down to fit a
-2-core CPU, contiguous (NCHW) and channels_last.
+2-core CPU, contiguous (NCHW) and channels_last. The share of the memory floor as ANCHORS.md counts
+it (a training step moves the tensor 8 times for BatchNorm, 5 for LayerNorm), timed as
+`copy_` of a tensor of the same size into an existing one (2 tensor-sizes moved) in the same run.
 
     .venv/bin/python bench/bench_norm.py [--quick]
 """
@@ -16,6 +18,7 @@ import matterhorn_pytorch as mth  # noqa: E402
 from common import Case, folded, main, training_step  # noqa: E402
 
 # (label, ours, torch.nn twin, input shape [T, B, ...], channels_last)
+PASSES = dict(BatchNorm2d=8, LayerNorm=5)
 CASES = [
     ("BatchNorm2d 128ch 32x32, T=4 B=4 (8 MiB)", lambda: mth.snn.BatchNorm2d(128), lambda: nn.BatchNorm2d(128), (4, 4, 128, 32, 32), False),
     ("  same, channels_last", lambda: mth.snn.BatchNorm2d(128), lambda: nn.BatchNorm2d(128), (4, 4, 128, 32, 32), True),
@@ -35,8 +38,10 @@ def norm_case(label, make_ours, make_fold, shape, channels_last):
         x = x.movedim(2, -1).contiguous().movedim(-1, 2)
     x_ours, x_fold = x.clone().requires_grad_(), x.clone().requires_grad_()
     grad = torch.randn_like(x)
+    copy_into = torch.empty_like(x)
     return Case(f"{label} fwd+bwd", training_step(ours, ours, x_ours, grad),
-                training_step(fold, folded(fold), x_fold, grad))
+                training_step(fold, folded(fold), x_fold, grad),
+                floor=lambda: copy_into.copy_(x), floor_copies=PASSES[type(fold).__name__] / 2)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import platform
 import statistics
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 import torch.utils.benchmark as benchmark
@@ -14,10 +14,15 @@ class Case:
     name: str
     ours: Callable[[], object]
     fold: Callable[[], object]
+    # the memory floor: bytes a step must move at least, timed as copies of the same size
+    floor: Optional[Callable[[], object]] = None
+    floor_copies: float = 0
 
 
 def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    # Timer runs on one thread unless told (num_threads=1 by default): time at the process's count
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def compare(cases: List[Case], rounds: int = 3, min_run_time: float = 0.5) -> List[dict]:
@@ -33,6 +38,8 @@ def compare(cases: List[Case], rounds: int = 3, min_run_time: float = 0.5) -> Li
             fold.append(median_seconds(case.fold, min_run_time))
         rows.append(dict(case=case.name, ours_ms=1e3 * statistics.median(ours), fold_ms=1e3 * statistics.median(fold)))
         rows[-1]["ratio"] = rows[-1]["ours_ms"] / rows[-1]["fold_ms"]
+        if case.floor is not None:
+            rows[-1]["floor_ms"] = 1e3 * case.floor_copies * median_seconds(case.floor, min_run_time)
     return rows
 
 
@@ -53,11 +60,15 @@ def machine() -> str:
 
 def print_table(title: str, rows: List[dict], unit: str = "ms") -> None:
     scale = {"ms": 1.0, "us": 1e3}[unit]
+    floors = any("floor_ms" in row for row in rows)
     print(f"\n{title}  ({machine()})")
-    print(f"| case | ours ({unit}) | fold ({unit}) | ours / fold |")
-    print("|---|---|---|---|")
+    print(f"| case | ours ({unit}) | fold ({unit}) | ours / fold |" + (" share of floor: ours / fold |" if floors else ""))
+    print("|---|---|---|---|" + ("---|" if floors else ""))
     for row in rows:
-        print(f"| {row['case']} | {scale * row['ours_ms']:.3f} | {scale * row['fold_ms']:.3f} | {row['ratio']:.3f} |")
+        line = f"| {row['case']} | {scale * row['ours_ms']:.3f} | {scale * row['fold_ms']:.3f} | {row['ratio']:.3f} |"
+        if "floor_ms" in row:
+            line += f" {row['floor_ms'] / row['ours_ms']:.0%} / {row['floor_ms'] / row['fold_ms']:.0%} |"
+        print(line + (" |" if floors and "floor_ms" not in row else ""))
 
 
 def folded(layer):

@@ -3,6 +3,7 @@
 // formula), float32 accumulation for float16/bfloat16, no transposes or layout copies for
 // contiguous or channels_last inputs, parallel over (group, channel) or over rows.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -15,6 +16,7 @@
 #include <torch/library.h>
 
 #include "ops/batch_norm.h"
+#include "ops/cpu/vectorized.h"
 
 namespace {
 
@@ -26,6 +28,9 @@ using matterhorn::ops::detail::channels_innermost;
 using matterhorn::ops::detail::dense;
 using matterhorn::ops::detail::batch_norm_layout;
 using matterhorn::ops::detail::check_batch_norm_block;
+using matterhorn::ops::cpu::load_as;
+using matterhorn::ops::cpu::mean_and_m2;
+using matterhorn::ops::cpu::row_sums;
 
 constexpr int64_t kRowsPerChunk = 256;     // channels_last reductions: rows per partial result
 constexpr int64_t kElementsPerTask = 32768;  // element-wise kernels: smallest parallel task
@@ -54,17 +59,7 @@ void stats_kernel(const scalar_t* x, acc_t* mean, acc_t* var, const BatchNormLay
         const int64_t g = gc / C, c = gc % C;
         Moments<acc_t> moments;
         for (int64_t m = 0; m < R; ++m) {
-          const scalar_t* row = x + ((g * R + m) * C + c) * S;
-          acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t i = 0; i < S; ++i) sum += static_cast<acc_t>(row[i]);
-          const acc_t row_mean = sum / static_cast<acc_t>(S);
-          acc_t m2 = 0;
-#pragma omp simd reduction(+ : m2)
-          for (int64_t i = 0; i < S; ++i) {
-            const acc_t d = static_cast<acc_t>(row[i]) - row_mean;
-            m2 += d * d;
-          }
+          const auto [row_mean, m2] = mean_and_m2<acc_t>(x + ((g * R + m) * C + c) * S, S);
           moments.merge(static_cast<acc_t>(S), row_mean, m2);
         }
         mean[gc] = moments.mean;
@@ -131,13 +126,11 @@ void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* 
         acc_t total_dy = 0, total_dy_xmu = 0;
         for (int64_t m = 0; m < R; ++m) {
           const int64_t offset = ((g * R + m) * C + c) * S;
-          acc_t row_dy = 0, row_dy_xmu = 0;
-#pragma omp simd reduction(+ : row_dy, row_dy_xmu)
-          for (int64_t i = 0; i < S; ++i) {
-            const acc_t d = static_cast<acc_t>(dy[offset + i]);
-            row_dy += d;
-            row_dy_xmu += d * (static_cast<acc_t>(x[offset + i]) - mu);
-          }
+          const auto [row_dy, row_dy_xmu] = row_sums<acc_t, 2>(S, [&](int64_t i, auto lanes) {
+            using T = decltype(lanes);
+            const T d = load_as<T>(dy + offset + i);
+            return std::array{d, d * (load_as<T>(x + offset + i) - mu)};
+          });
           total_dy += row_dy;
           total_dy_xmu += row_dy_xmu;
         }

@@ -4,6 +4,7 @@
 // merged in task order (the same result every run at a given thread count). float32
 // accumulation for float16/bfloat16, whose parameters may be float16/bfloat16 or float32.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -17,6 +18,7 @@
 #include <torch/library.h>
 
 #include "ops/batch_norm.h"  // Moments, cast, dense
+#include "ops/cpu/vectorized.h"
 #include "ops/layer_norm.h"
 
 namespace {
@@ -26,6 +28,10 @@ using matterhorn::ops::detail::cast;
 using matterhorn::ops::detail::check_layer_norm_block;
 using matterhorn::ops::detail::dense;
 using matterhorn::ops::detail::statistics_shape;
+using matterhorn::ops::cpu::add_to;
+using matterhorn::ops::cpu::load_as;
+using matterhorn::ops::cpu::mean_and_m2;
+using matterhorn::ops::cpu::row_sums;
 
 constexpr int64_t kElementsPerTask = 32768;  // smallest parallel task
 constexpr int64_t kChunk = 4096;             // a row's moments per chunk (in L1), merged with Chan's formula
@@ -49,17 +55,7 @@ Moments<acc_t> row_moments(const scalar_t* row, int64_t D) {
   Moments<acc_t> moments;
   for (int64_t first = 0; first < D; first += kChunk) {
     const int64_t n = std::min(kChunk, D - first);
-    const scalar_t* x = row + first;
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(x[i]);
-    const acc_t mean = sum / static_cast<acc_t>(n);
-    acc_t m2 = 0;
-#pragma omp simd reduction(+ : m2)
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t d = static_cast<acc_t>(x[i]) - mean;
-      m2 += d * d;
-    }
+    const auto [mean, m2] = mean_and_m2<acc_t>(row + first, n);
     moments.merge(static_cast<acc_t>(n), mean, m2);
   }
   return moments;
@@ -110,19 +106,17 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* mean, c
           const scalar_t* xr = x + n * D;
           scalar_t* dxr = dx + n * D;
           const acc_t mu = mean[n], r = rstd[n];
-          acc_t sum_g = 0, sum_g_xhat = 0;  // g = dy * w
-#pragma omp simd reduction(+ : sum_g, sum_g_xhat)
-          for (int64_t i = 0; i < D; ++i) {
-            const acc_t d = static_cast<acc_t>(dyr[i]), xhat = (static_cast<acc_t>(xr[i]) - mu) * r;
-            acc_t g = d;
+          auto [sum_g, sum_g_xhat] = row_sums<acc_t, 2>(D, [&](int64_t i, auto lanes) {  // g = dy * w
+            using T = decltype(lanes);
+            const T d = load_as<T>(dyr + i), xhat = (load_as<T>(xr + i) - mu) * r;
+            T g = d;
             if constexpr (kWeight) {
-              g *= w[i];
-              dw_sum[i] += d * xhat;
-              db_sum[i] += d;
+              g = g * load_as<T>(w + i);
+              add_to(dw_sum + i, d * xhat);
+              add_to(db_sum + i, d);
             }
-            sum_g += g;
-            sum_g_xhat += g * xhat;
-          }
+            return std::array{g, g * xhat};
+          });
           sum_g *= inv_D;
           sum_g_xhat *= inv_D;
 #pragma omp simd

@@ -1,0 +1,125 @@
+#pragma once
+// 64-byte vectors of the accumulation type for the CPU kernels, as GCC and Clang vector extensions:
+// one AVX-512 register, two AVX2 or four SSE ones, whatever the file is compiled for. Reductions
+// over a row written with them keep four sums in flight and add a vector's lanes as a tree: a
+// `#pragma omp simd` reduction keeps one sum and adds the lanes one by one, which made a
+// LayerNorm row's moments cost twice its apply pass (measured).
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace matterhorn::ops::cpu {
+
+template <typename T, std::size_t bytes = 64>
+struct Vector {
+  using type [[gnu::vector_size(bytes)]] = T;
+};
+template <typename acc_t>
+using Vec = typename Vector<acc_t>::type;
+template <typename acc_t>
+constexpr int64_t kLanes = 64 / sizeof(acc_t);
+
+// kLanes values from p (any alignment), converted to the accumulation type.
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> load(const scalar_t* p) {
+  Vec<acc_t> v;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    for (int64_t j = 0; j < kLanes<acc_t>; ++j) v[j] = static_cast<acc_t>(p[j]);
+  }
+  return v;
+}
+
+template <typename acc_t, typename scalar_t>
+inline void store(scalar_t* p, const Vec<acc_t>& v) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    std::memcpy(p, &v, sizeof v);
+  } else {
+    for (int64_t j = 0; j < kLanes<acc_t>; ++j) p[j] = static_cast<scalar_t>(v[j]);
+  }
+}
+
+// T = acc_t: the value at p; T = Vec<acc_t>: kLanes values from p. For code written once for a
+// row's vector body and its scalar tail.
+template <typename T, typename scalar_t>
+inline T load_as(const scalar_t* p) {
+  if constexpr (std::is_arithmetic_v<T>) {
+    return static_cast<T>(*p);
+  } else {
+    return load<std::remove_cvref_t<decltype(T{}[0])>>(p);
+  }
+}
+
+// *p += v for the one or kLanes values at p.
+template <typename T, typename acc_t>
+inline void add_to(acc_t* p, const T& v) {
+  if constexpr (std::is_arithmetic_v<T>) {
+    *p += v;
+  } else {
+    store<acc_t>(p, load<acc_t>(p) + v);
+  }
+}
+
+// The sum of a vector's lanes: halves added until one lane is left.
+template <typename T, std::size_t bytes = 64>
+inline T sum_lanes(const typename Vector<T, bytes>::type& v) {
+  if constexpr (bytes == sizeof(T)) {
+    return v[0];
+  } else {
+    using Half = typename Vector<T, bytes / 2>::type;
+    Half low, high;
+    std::memcpy(&low, &v, sizeof(Half));
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    return sum_lanes<T, bytes / 2>(low + high);
+  }
+}
+
+// The sums over i < n of `count` quantities at once: terms(i, T{}) returns them as an array of
+// `count` T, for the kLanes indices from i when T is Vec<acc_t> and for the one index i when T is
+// acc_t (the tail). Each i is visited once. Four partial sums of each quantity.
+template <typename acc_t, std::size_t count, typename Terms>
+inline std::array<acc_t, count> row_sums(int64_t n, Terms&& terms) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = kLanes<acc_t>;
+  std::array<std::array<V, 4>, count> partial{};
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    for (int64_t k = 0; k < 4; ++k) {
+      const auto t = terms(i + k * W, V{});
+      for (std::size_t q = 0; q < count; ++q) partial[q][k] += t[q];
+    }
+  }
+  for (; i + W <= n; i += W) {
+    const auto t = terms(i, V{});
+    for (std::size_t q = 0; q < count; ++q) partial[q][0] += t[q];
+  }
+  std::array<acc_t, count> sums{};
+  for (; i < n; ++i) {
+    const auto t = terms(i, acc_t{});
+    for (std::size_t q = 0; q < count; ++q) sums[q] += t[q];
+  }
+  for (std::size_t q = 0; q < count; ++q) {
+    sums[q] += sum_lanes<acc_t>((partial[q][0] + partial[q][1]) + (partial[q][2] + partial[q][3]));
+  }
+  return sums;
+}
+
+// Mean and sum of squared deviations from it of n contiguous values: two passes, the second over
+// values still in cache (n of a few thousand), no cancellation.
+template <typename acc_t, typename scalar_t>
+inline std::array<acc_t, 2> mean_and_m2(const scalar_t* x, int64_t n) {
+  const auto [sum] = row_sums<acc_t, 1>(n, [&](int64_t i, auto lanes) {
+    return std::array{load_as<decltype(lanes)>(x + i)};
+  });
+  const acc_t mean = sum / static_cast<acc_t>(n);
+  const auto [m2] = row_sums<acc_t, 1>(n, [&](int64_t i, auto lanes) {
+    const auto d = load_as<decltype(lanes)>(x + i) - mean;
+    return std::array{d * d};
+  });
+  return {mean, m2};
+}
+
+}  // namespace matterhorn::ops::cpu
