@@ -1,6 +1,8 @@
 """Build information and the import-time check against the running torch."""
 
+import pathlib
 import re
+import subprocess
 
 import pytest
 import torch
@@ -30,3 +32,19 @@ def test_a_different_torch_minor_fails_with_a_clear_message(built, running):
 
 def test_same_minor_with_other_patch_or_local_version_is_accepted():
     check_torch_version("2.13.0", "2.13.1+cu130")
+
+
+def needed_libraries(path):
+    """The DT_NEEDED entries of a shared library."""
+    out = subprocess.run(["readelf", "-d", str(path)], check=True, capture_output=True, text=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out)
+
+
+def test_cpu_kernels_share_torchs_openmp_runtime():
+    # at::parallel_for is an inline `omp parallel` in torch's OpenMP builds: a library built without
+    # OpenMP runs its kernels on one thread (ours did until the fifth session)
+    torch_lib = pathlib.Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    ours = pathlib.Path(mth._C.__file__).parent / "lib" / "libmatterhorn.so"  # beside _C, also when editable
+    torch_openmp = [name for name in needed_libraries(torch_lib) if "omp" in name]
+    assert torch_openmp, "this torch is not an OpenMP build: the check does not apply"
+    assert set(torch_openmp) <= set(needed_libraries(ours))
