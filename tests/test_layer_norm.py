@@ -92,6 +92,26 @@ def test_half_precision_inputs_accumulate_in_float32(dtype):
     assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (4, 8)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size", [384, 37])  # whole vectors; vectors and a tail
+def test_half_precision_rounds_like_torch_casts(dtype, size):
+    # float32 accumulation either way, so the half-precision results are the float32 path's,
+    # rounded to nearest even as .to(dtype) does; vectors convert 16 values at a time
+    x = (torch.randn(5, 3, size) * 4).to(dtype)
+    x[0, 0, 1] = float("nan")
+    w, b = torch.rand(size).to(dtype) + 0.5, torch.randn(size).to(dtype)
+    y, mean, rstd = ops.layer_norm_normalize(x, [size], w, b, 1e-5)
+    y32, mean32, rstd32 = ops.layer_norm_normalize(x.float(), [size], w.float(), b.float(), 1e-5)
+    torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0, equal_nan=True)
+    assert y[0, 0].isnan().all() and not y[1:].isnan().any()
+    torch.testing.assert_close(mean, mean32, rtol=0, atol=0, equal_nan=True)
+    g = torch.randn(5, 3, size).to(dtype)
+    dx, dw, db = ops.layer_norm_backward(g, x, [size], mean, rstd, w)
+    dx32, dw32, db32 = ops.layer_norm_backward(g.float(), x.float(), [size], mean32, rstd32, w.float())
+    torch.testing.assert_close(dx, dx32.to(dtype), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(db, db32.to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
 def test_layer_norm_gradcheck():
     layer = mth.snn.LayerNorm((3, 2), dtype=torch.float64)
     x = torch.randn(2, 2, 3, 2, dtype=torch.float64, requires_grad=True)

@@ -29,9 +29,11 @@ using matterhorn::ops::detail::check_layer_norm_block;
 using matterhorn::ops::detail::dense;
 using matterhorn::ops::detail::statistics_shape;
 using matterhorn::ops::cpu::add_to;
+using matterhorn::ops::cpu::for_each_lane;
 using matterhorn::ops::cpu::load_as;
 using matterhorn::ops::cpu::mean_and_m2;
 using matterhorn::ops::cpu::row_sums;
+using matterhorn::ops::cpu::store_as;
 
 constexpr int64_t kElementsPerTask = 32768;  // smallest parallel task
 constexpr int64_t kChunk = 4096;             // a row's moments per chunk (in L1), merged with Chan's formula
@@ -74,13 +76,13 @@ void forward_kernel(const scalar_t* x, const acc_t* w, const acc_t* b, scalar_t*
         const acc_t mu = moments.mean, r = acc_t(1) / std::sqrt(moments.m2 / static_cast<acc_t>(D) + eps);
         mean[n] = mu;
         rstd[n] = r;
-#pragma omp simd
-        for (int64_t i = 0; i < D; ++i) {
-          acc_t v = (static_cast<acc_t>(xr[i]) - mu) * r;
-          if constexpr (kWeight) v *= w[i];
-          if constexpr (kBias) v += b[i];
-          yr[i] = static_cast<scalar_t>(v);
-        }
+        for_each_lane<acc_t>(D, [&](int64_t i, auto lanes) {
+          using T = decltype(lanes);
+          T v = (load_as<T>(xr + i) - mu) * r;
+          if constexpr (kWeight) v = v * load_as<T>(w + i);
+          if constexpr (kBias) v = v + load_as<T>(b + i);
+          store_as(yr + i, v);
+        });
       }
     });
   });
@@ -119,13 +121,13 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* mean, c
           });
           sum_g *= inv_D;
           sum_g_xhat *= inv_D;
-#pragma omp simd
-          for (int64_t i = 0; i < D; ++i) {
-            const acc_t xhat = (static_cast<acc_t>(xr[i]) - mu) * r;
-            acc_t g = static_cast<acc_t>(dyr[i]);
-            if constexpr (kWeight) g *= w[i];
-            dxr[i] = static_cast<scalar_t>(r * (g - sum_g - xhat * sum_g_xhat));
-          }
+          for_each_lane<acc_t>(D, [&](int64_t i, auto lanes) {
+            using T = decltype(lanes);
+            const T xhat = (load_as<T>(xr + i) - mu) * r;
+            T g = load_as<T>(dyr + i);
+            if constexpr (kWeight) g = g * load_as<T>(w + i);
+            store_as(dxr + i, r * (g - sum_g - xhat * sum_g_xhat));
+          });
         }
       }
     });
