@@ -123,6 +123,31 @@ def test_batch_norm_bfloat16_input_with_float32_parameters():
     torch.testing.assert_close(ours.running_var, reference.running_var, rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_half_precision_building_blocks_round_like_torch_casts(dtype, layout):
+    # float32 accumulation either way: the element passes' results are the float32 path's on the
+    # same values, rounded to nearest even as .to(dtype) does (vectors convert 16 values at a
+    # time); the reductions agree to float32 rounding (the compiler may fuse multiply-adds
+    # differently per dtype). C = 70: two whole blocks of 32 channels and a part; 37 values per
+    # row: vectors and a tail
+    ops = torch.ops.matterhorn
+    x = make_input((4,), (70, 37), layout, torch.float32).mul(3).to(dtype)
+    dy = make_input((4,), (70, 37), layout, torch.float32).to(dtype)
+    w, b = torch.rand(70) + 0.5, torch.randn(70)
+    mean, var = ops.batch_norm_stats(x, 2)
+    mean32, var32 = ops.batch_norm_stats(x.float(), 2)
+    torch.testing.assert_close((mean, var), (mean32, var32), rtol=1e-5, atol=1e-6)
+    y = ops.batch_norm_elemt(x, mean, var, w, b, 1e-5, 2)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, ops.batch_norm_elemt(x.float(), mean, var, w, b, 1e-5, 2).to(dtype), rtol=0, atol=0)
+    sums = ops.batch_norm_backward_reduce(dy, x, mean, 2)
+    torch.testing.assert_close(sums, ops.batch_norm_backward_reduce(dy.float(), x.float(), mean, 2), rtol=1e-5, atol=1e-5)
+    dx = ops.batch_norm_backward_elemt(dy, x, mean, var, w, *sums, 1e-5, 2 * 37, 2)
+    dx32 = ops.batch_norm_backward_elemt(dy.float(), x.float(), mean, var, w, *sums, 1e-5, 2 * 37, 2)
+    torch.testing.assert_close(dx, dx32.to(dtype), rtol=0, atol=0)
+
+
 def eval_twins():
     ours, reference = twins("BatchNorm2d", dict(num_features=3), torch.float32)
     ours.running_mean.uniform_(-1, 1), ours.running_var.uniform_(0.5, 2)

@@ -28,9 +28,14 @@ using matterhorn::ops::detail::channels_innermost;
 using matterhorn::ops::detail::dense;
 using matterhorn::ops::detail::batch_norm_layout;
 using matterhorn::ops::detail::check_batch_norm_block;
+using matterhorn::ops::cpu::Vec;
+using matterhorn::ops::cpu::for_each_lane;
+using matterhorn::ops::cpu::kLanes;
+using matterhorn::ops::cpu::kWidth;
 using matterhorn::ops::cpu::load_as;
 using matterhorn::ops::cpu::mean_and_m2;
 using matterhorn::ops::cpu::row_sums;
+using matterhorn::ops::cpu::store_as;
 
 constexpr int64_t kRowsPerChunk = 256;     // channels_last reductions: rows per partial result
 constexpr int64_t kElementsPerTask = 32768;  // element-wise kernels: smallest parallel task
@@ -39,12 +44,14 @@ constexpr int64_t kChannelBlock = 32;        // channels_last reductions: channe
 // channels_last reductions walk rows of C values. Per block of channels, the per-channel sums are
 // local arrays the compiler keeps in registers: accumulating into memory across a whole row made
 // every element a load and a store more (backward reduction 2x slower than NCHW, measured). Calls
-// f(c0, n) for the blocks; n is a compile-time kChannelBlock except for the last, shorter block.
-template <typename F>
+// f(c0, count, T{}) for the blocks: whole blocks as `count` (compile-time) vectors, T = Vec<acc_t>;
+// the last, shorter block value by value, T = acc_t.
+template <typename acc_t, typename F>
 void for_channel_blocks(int64_t C, F&& f) {
+  constexpr int64_t kVectors = kChannelBlock / kLanes<acc_t>;
   int64_t c0 = 0;
-  for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) f(c0, std::integral_constant<int64_t, kChannelBlock>{});
-  if (c0 < C) f(c0, C - c0);
+  for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) f(c0, std::integral_constant<int64_t, kVectors>{}, Vec<acc_t>{});
+  if (c0 < C) f(c0, C - c0, acc_t{});
 }
 
 // Count, mean and sum of squared deviations, merged with Chan's formula (numerically safe).
@@ -78,24 +85,28 @@ void stats_kernel(const scalar_t* x, acc_t* mean, acc_t* var, const BatchNormLay
       const int64_t g = gk / chunks, first = (gk % chunks) * kRowsPerChunk;
       const int64_t last = std::min(R, first + kRowsPerChunk);
       const acc_t inv_n = acc_t(1) / static_cast<acc_t>(last - first);
-      for_channel_blocks(C, [&](int64_t c0, auto n) {
-        acc_t cm[kChannelBlock] = {}, cm2[kChannelBlock] = {};
+      for_channel_blocks<acc_t>(C, [&](int64_t c0, auto count, auto lanes) {
+        using T = decltype(lanes);
+        constexpr int64_t W = kWidth<T>;
+        T cm[kChannelBlock / W] = {}, cm2[kChannelBlock / W] = {};
         for (int64_t r = first; r < last; ++r) {
           const scalar_t* row = x + (g * R + r) * C + c0;
 #pragma omp simd
-          for (int64_t c = 0; c < n; ++c) cm[c] += static_cast<acc_t>(row[c]);
+          for (int64_t k = 0; k < count; ++k) cm[k] += load_as<T>(row + k * W);
         }
-        for (int64_t c = 0; c < n; ++c) cm[c] *= inv_n;
+        for (int64_t k = 0; k < count; ++k) cm[k] *= inv_n;
         for (int64_t r = first; r < last; ++r) {
           const scalar_t* row = x + (g * R + r) * C + c0;
 #pragma omp simd
-          for (int64_t c = 0; c < n; ++c) {
-            const acc_t d = static_cast<acc_t>(row[c]) - cm[c];
-            cm2[c] += d * d;
+          for (int64_t k = 0; k < count; ++k) {
+            const T d = load_as<T>(row + k * W) - cm[k];
+            cm2[k] += d * d;
           }
         }
-        std::copy_n(cm, n, chunk_mean.data() + gk * C + c0);
-        std::copy_n(cm2, n, chunk_m2.data() + gk * C + c0);
+        for (int64_t k = 0; k < count; ++k) {
+          store_as(chunk_mean.data() + gk * C + c0 + k * W, cm[k]);
+          store_as(chunk_m2.data() + gk * C + c0 + k * W, cm2[k]);
+        }
       });
     }
   });
@@ -146,20 +157,24 @@ void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* 
     for (int64_t gk = begin; gk < end; ++gk) {
       const int64_t g = gk / chunks, first = (gk % chunks) * kRowsPerChunk;
       const int64_t last = std::min(R, first + kRowsPerChunk);
-      for_channel_blocks(C, [&](int64_t c0, auto n) {
-        acc_t pd[kChannelBlock] = {}, pdx[kChannelBlock] = {}, mu[kChannelBlock] = {};
-        std::copy_n(mean + g * C + c0, n, mu);
+      for_channel_blocks<acc_t>(C, [&](int64_t c0, auto count, auto lanes) {
+        using T = decltype(lanes);
+        constexpr int64_t W = kWidth<T>;
+        T pd[kChannelBlock / W] = {}, pdx[kChannelBlock / W] = {}, mu[kChannelBlock / W] = {};
+        for (int64_t k = 0; k < count; ++k) mu[k] = load_as<T>(mean + g * C + c0 + k * W);
         for (int64_t r = first; r < last; ++r) {
           const int64_t offset = (g * R + r) * C + c0;
 #pragma omp simd
-          for (int64_t c = 0; c < n; ++c) {
-            const acc_t d = static_cast<acc_t>(dy[offset + c]);
-            pd[c] += d;
-            pdx[c] += d * (static_cast<acc_t>(x[offset + c]) - mu[c]);
+          for (int64_t k = 0; k < count; ++k) {
+            const T d = load_as<T>(dy + offset + k * W);
+            pd[k] += d;
+            pdx[k] += d * (load_as<T>(x + offset + k * W) - mu[k]);
           }
         }
-        std::copy_n(pd, n, part_dy.data() + gk * C + c0);
-        std::copy_n(pdx, n, part_dy_xmu.data() + gk * C + c0);
+        for (int64_t k = 0; k < count; ++k) {
+          store_as(part_dy.data() + gk * C + c0 + k * W, pd[k]);
+          store_as(part_dy_xmu.data() + gk * C + c0 + k * W, pdx[k]);
+        }
       });
     }
   });
@@ -189,12 +204,12 @@ void channel_affine_kernel(scalar_t* out, const scalar_t* a, const acc_t* ka, co
         const acc_t fa = ka[gc], f0 = k0[gc];
         const acc_t fb = kTwoInputs ? kb[gc] : acc_t(0);
         const int64_t offset = row * S;
-#pragma omp simd
-        for (int64_t i = 0; i < S; ++i) {
-          acc_t value = static_cast<acc_t>(a[offset + i]) * fa + f0;
-          if constexpr (kTwoInputs) value += static_cast<acc_t>(b[offset + i]) * fb;
-          out[offset + i] = static_cast<scalar_t>(value);
-        }
+        for_each_lane<acc_t>(S, [&](int64_t i, auto lanes) {
+          using T = decltype(lanes);
+          T value = load_as<T>(a + offset + i) * fa + f0;
+          if constexpr (kTwoInputs) value += load_as<T>(b + offset + i) * fb;
+          store_as(out + offset + i, value);
+        });
       }
     });
     return;
@@ -205,12 +220,12 @@ void channel_affine_kernel(scalar_t* out, const scalar_t* a, const acc_t* ka, co
       const acc_t* fa = ka + g * C;
       const acc_t* f0 = k0 + g * C;
       const acc_t* fb = kTwoInputs ? kb + g * C : nullptr;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t value = static_cast<acc_t>(a[offset + c]) * fa[c] + f0[c];
-        if constexpr (kTwoInputs) value += static_cast<acc_t>(b[offset + c]) * fb[c];
-        out[offset + c] = static_cast<scalar_t>(value);
-      }
+      for_each_lane<acc_t>(C, [&](int64_t c, auto lanes) {
+        using T = decltype(lanes);
+        T value = load_as<T>(a + offset + c) * load_as<T>(fa + c) + load_as<T>(f0 + c);
+        if constexpr (kTwoInputs) value += load_as<T>(b + offset + c) * load_as<T>(fb + c);
+        store_as(out + offset + c, value);
+      });
     }
   });
 }

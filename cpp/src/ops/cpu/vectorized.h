@@ -27,6 +27,16 @@ using Vec = typename Vector<acc_t>::type;
 template <typename acc_t>
 constexpr int64_t kLanes = 64 / sizeof(acc_t);
 
+// Values in a T: 1 for a scalar, kLanes for a Vec.
+template <typename T>
+constexpr int64_t kWidth = [] {
+  if constexpr (std::is_arithmetic_v<T>) {
+    return int64_t{1};
+  } else {
+    return static_cast<int64_t>(sizeof(T) / sizeof(std::remove_cvref_t<decltype(T{}[0])>));
+  }
+}();
+
 // kLanes values from p (any alignment), converted to the accumulation type. bfloat16 and
 // float16 convert a whole vector at once (a shift; vcvtph2ps where the target has it): element
 // by element they made a LayerNorm 2-4x slower than ATen's (measured).
