@@ -91,13 +91,11 @@ void stats_kernel(const scalar_t* x, acc_t* mean, acc_t* var, const BatchNormLay
         T cm[kChannelBlock / W] = {}, cm2[kChannelBlock / W] = {};
         for (int64_t r = first; r < last; ++r) {
           const scalar_t* row = x + (g * R + r) * C + c0;
-#pragma omp simd
           for (int64_t k = 0; k < count; ++k) cm[k] += load_as<T>(row + k * W);
         }
         for (int64_t k = 0; k < count; ++k) cm[k] *= inv_n;
         for (int64_t r = first; r < last; ++r) {
           const scalar_t* row = x + (g * R + r) * C + c0;
-#pragma omp simd
           for (int64_t k = 0; k < count; ++k) {
             const T d = load_as<T>(row + k * W) - cm[k];
             cm2[k] += d * d;
@@ -164,7 +162,6 @@ void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* 
         for (int64_t k = 0; k < count; ++k) mu[k] = load_as<T>(mean + g * C + c0 + k * W);
         for (int64_t r = first; r < last; ++r) {
           const int64_t offset = (g * R + r) * C + c0;
-#pragma omp simd
           for (int64_t k = 0; k < count; ++k) {
             const T d = load_as<T>(dy + offset + k * W);
             pd[k] += d;
