@@ -2,6 +2,7 @@
 // [B, ..., *shape]. Checks in the user's terms, then matterhorn::layer_norm_normalize on the rows
 // (all leading dimensions are one batch of rows: no fold needed). Schemas of the building blocks
 // and their shared checks live here too (see ops/layer_norm.h).
+#include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
@@ -42,17 +43,30 @@ at::Tensor layer_norm_composite(
     const at::Tensor& input, c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
   check_layer_norm_arguments(input, normalized_shape, weight, bias);
-  static const auto normalize = c10::Dispatcher::singleton()
-                                    .findSchemaOrThrow("matterhorn::layer_norm_normalize", "")
-                                    .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                        const at::Tensor&, c10::SymIntArrayRef, const std::optional<at::Tensor>&,
-                                        const std::optional<at::Tensor>&, double)>();
-  return std::get<0>(normalize.call(input, normalized_shape, weight, bias, eps));
+  return std::get<0>(detail::call_normalize(input, normalized_shape, weight, bias, eps));
 }
 
 }  // namespace
 
 namespace detail {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_normalize(
+    const at::Tensor& input, c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("matterhorn::layer_norm_normalize", "")
+                             .typed<decltype(call_normalize)>();
+  return op.call(input, normalized_shape, weight, bias, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("matterhorn::layer_norm_backward", "")
+                             .typed<decltype(call_backward)>();
+  return op.call(grad_output, input, normalized_shape, mean, rstd, weight);
+}
 
 void check_layer_norm_block(
     const char* op, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
@@ -74,6 +88,23 @@ void check_layer_norm_block(
       check_norm_parameter_dtype_and_device(op, input, *param, name);
     }
   }
+}
+
+void check_layer_norm_backward_block(
+    const at::Tensor& grad_output, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight) {
+  check_layer_norm_block("layer_norm_backward", input, normalized_shape, weight);
+  const auto stats_shape = statistics_shape(input, normalized_shape);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  for (const auto& [stat, name] : {std::pair{&mean, "mean"}, std::pair{&rstd, "rstd"}}) {
+    TORCH_CHECK_VALUE(
+        stat->sym_sizes() == stats_shape && stat->scalar_type() == acc_type, "layer_norm_backward: expected ",
+        name, " of shape ", stats_shape, " and dtype ", acc_type, ", got ", stat->sym_sizes(), " ",
+        stat->scalar_type());
+  }
+  TORCH_CHECK_VALUE(
+      grad_output.sym_sizes() == input.sym_sizes() && grad_output.scalar_type() == input.scalar_type(),
+      "layer_norm_backward: grad_output must match the input's shape and dtype");
 }
 
 }  // namespace detail

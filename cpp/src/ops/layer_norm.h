@@ -7,6 +7,7 @@
 //   layer_norm_backward(dy, x, shape, mean, rstd, w) -> dx, dw, db (dw, db: [0] without weight)
 // The layer op layer_norm = checks in the user's terms + layer_norm_normalize.
 #include <optional>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 
@@ -17,6 +18,20 @@ namespace matterhorn::ops::detail {
 void check_layer_norm_block(
     const char* op, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias = std::nullopt);
+
+// layer_norm_backward's checks: the block's, statistics of the leading shape in the accumulation
+// type, grad_output like the input.
+void check_layer_norm_backward_block(
+    const at::Tensor& grad_output, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight);
+
+// The building blocks through the dispatcher (below autograd when the caller excludes it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_normalize(
+    const at::Tensor& input, c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight);
 
 // The leading sizes of input (its statistics' shape).
 inline c10::SymIntArrayRef statistics_shape(const at::Tensor& input, c10::SymIntArrayRef normalized_shape) {

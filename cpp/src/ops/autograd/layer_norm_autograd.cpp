@@ -22,18 +22,6 @@ using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using matterhorn::ops::detail::statistics_shape;
 
-using Normalize = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, c10::SymIntArrayRef, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    double);
-using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef, const at::Tensor&, const at::Tensor&,
-    const std::optional<at::Tensor>&);
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
@@ -60,9 +48,8 @@ struct LayerNormNormalizeBackward final : torch::autograd::Node {
     const bool need_bias = b.defined() && task_should_compute_output(2);
     if (at::GradMode::is_enabled()) return differentiable_backward(grads[0], x, w, b, {need_input, need_weight, need_bias});
     at::AutoDispatchBelowADInplaceOrView guard;  // no graph is recorded here: skip autograd's layers
-    static const auto backward = op<Backward>("matterhorn::layer_norm_backward");
-    auto [grad_input, grad_weight, grad_bias] =
-        backward.call(grads[0], x, normalized_shape, mean.unpack(), rstd.unpack(), defined_or_none(w));
+    auto [grad_input, grad_weight, grad_bias] = matterhorn::ops::detail::call_backward(
+        grads[0], x, normalized_shape, mean.unpack(), rstd.unpack(), defined_or_none(w));
     if (need_bias && !w.defined()) grad_bias = at::sum_to(grads[0], b.sym_sizes());  // a bias alone
     return {need_input ? grad_input : at::Tensor(), need_weight ? grad_weight : at::Tensor(),
             need_bias ? grad_bias : at::Tensor()};
@@ -100,8 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_normalize_autograd(
   const bool record = torch::autograd::compute_requires_grad(input, weight, bias);  // false in no_grad
   auto [output, mean, rstd] = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto normalize = op<Normalize>("matterhorn::layer_norm_normalize");
-    return normalize.call(input, normalized_shape, weight, bias, eps);
+    return matterhorn::ops::detail::call_normalize(input, normalized_shape, weight, bias, eps);
   }();
   if (record) {
     auto node = matterhorn::ops::detail::make_node<LayerNormNormalizeBackward>();

@@ -25,6 +25,7 @@ namespace {
 
 using matterhorn::ops::detail::Moments;
 using matterhorn::ops::detail::cast;
+using matterhorn::ops::detail::check_layer_norm_backward_block;
 using matterhorn::ops::detail::check_layer_norm_block;
 using matterhorn::ops::detail::dense;
 using matterhorn::ops::detail::statistics_shape;
@@ -180,18 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight) {
-  check_layer_norm_block("layer_norm_backward", input, normalized_shape, weight);
-  const auto stats_shape = statistics_shape(input, normalized_shape);
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  for (const auto& [stat, name] : {std::pair{&mean, "mean"}, std::pair{&rstd, "rstd"}}) {
-    TORCH_CHECK_VALUE(
-        stat->sym_sizes() == stats_shape && stat->scalar_type() == acc_type, "layer_norm_backward: expected ",
-        name, " of shape ", stats_shape, " and dtype ", acc_type, ", got ", stat->sym_sizes(), " ",
-        stat->scalar_type());
-  }
-  TORCH_CHECK_VALUE(
-      grad_output.sym_sizes() == input.sym_sizes() && grad_output.scalar_type() == input.scalar_type(),
-      "layer_norm_backward: grad_output must match the input's shape and dtype");
+  check_layer_norm_backward_block(grad_output, input, normalized_shape, mean, rstd, weight);
   const at::Tensor x = dense(input), dy = dense(grad_output), m = dense(mean), r = dense(rstd);
   const at::Tensor w = accumulation_typed(weight, input);
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);

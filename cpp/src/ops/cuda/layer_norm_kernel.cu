@@ -10,6 +10,7 @@
 
 namespace {
 
+using matterhorn::ops::detail::check_layer_norm_backward_block;
 using matterhorn::ops::detail::check_layer_norm_block;
 using matterhorn::ops::detail::statistics_shape;
 
@@ -26,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight) {
-  check_layer_norm_block("layer_norm_backward", input, normalized_shape, weight);
+  check_layer_norm_backward_block(grad_output, input, normalized_shape, mean, rstd, weight);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const bool affine = weight.has_value() && weight->defined();
   std::vector<c10::SymInt> aten_stats_shape(input.sym_sizes().begin(), input.sym_sizes().end());

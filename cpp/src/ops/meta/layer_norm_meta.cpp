@@ -8,6 +8,7 @@
 
 namespace {
 
+using matterhorn::ops::detail::check_layer_norm_backward_block;
 using matterhorn::ops::detail::check_layer_norm_block;
 using matterhorn::ops::detail::statistics_shape;
 
@@ -22,9 +23,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_meta(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_meta(
-    const at::Tensor&, const at::Tensor& input, c10::SymIntArrayRef normalized_shape, const at::Tensor&,
-    const at::Tensor&, const std::optional<at::Tensor>& weight) {
-  check_layer_norm_block("layer_norm_backward", input, normalized_shape, weight);
+    const at::Tensor& grad_output, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight) {
+  check_layer_norm_backward_block(grad_output, input, normalized_shape, mean, rstd, weight);
   const bool affine = weight.has_value() && weight->defined();
   const auto param_grad = [&] {
     return affine ? at::empty_like(*weight, at::MemoryFormat::Contiguous) : at::empty({0}, input.options());
