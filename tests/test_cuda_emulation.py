@@ -219,3 +219,32 @@ def test_each_pass_starts_on_what_the_pass_before_it_read_last(emulated, channel
     assert first_quarter(input_gradient) <= last_quarter(reduction)
     half = x.numel() * x.element_size() // 2
     assert min(first_quarter(statistics)) >= x.data_ptr() + half
+
+
+@pytest.mark.parametrize("multiprocessors", [1, 132])
+def test_statistics_above_two_to_the_24_values_per_channel(emulated, multiprocessors):
+    """Counts are integers and partial moments merge with Chan's formula: exact at any count (a
+    float count stops growing at 2^24)."""
+    x = (torch.randn(1 << 23, 1, 3, dtype=torch.float64) * 3 + 5).float()  # 2^24 * 1.5 values
+    mean, var = emulated.batch_norm_stats(x, 1, multiprocessors)
+    torch.testing.assert_close(mean.double(), x.double().mean().view(1, 1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), x.double().var(unbiased=False).view(1, 1), rtol=1e-5, atol=0)
+
+
+def test_empty_inputs_and_bad_arguments_as_on_the_cpu(emulated):
+    """The launch sequences run the building blocks' shared checks and handle zero sizes."""
+    x = torch.randn(4, 3, 0)
+    mean, var = emulated.batch_norm_stats(x, 1, 4)
+    assert mean.isnan().all() and var.isnan().all()
+    zeros, ones = torch.zeros(1, 3), torch.ones(1, 3)
+    assert emulated.batch_norm_elemt(x, zeros, ones, None, None, 1e-5, 1, 4).shape == x.shape
+    sum_dy, sum_dy_xmu = emulated.batch_norm_backward_reduce(x, x, zeros, 1, 4)
+    assert not sum_dy.any() and not sum_dy_xmu.any()
+    assert emulated.batch_norm_backward_elemt(x, x, zeros, ones, None, zeros, zeros, 1e-5, 0, 1, 4).shape == x.shape
+    with pytest.raises(ValueError, match="grad_output must have the input's shape"):
+        emulated.batch_norm_backward_reduce(torch.randn(1, 3), torch.randn(1000, 3), zeros, 1, 4)
+    with pytest.raises(ValueError, match="mean must hold"):
+        emulated.batch_norm_elemt(torch.randn(4, 3), torch.zeros(1, 2), ones, None, None, 1e-5, 1, 4)
+    state = [torch.zeros(3), torch.ones(3), torch.tensor(5)]
+    emulated.batch_norm_update_stats(zeros, ones, 0, *state, 0.1)  # an empty batch is counted only
+    assert int(state[2]) == 6 and not state[0].any() and (state[1] == 1).all()

@@ -2,6 +2,8 @@
 // (the per-element work is in the building-block kernels: ops/cpu/batch_norm_kernel.cpp, ...).
 #include "ops/batch_norm.h"
 
+#include <cmath>
+
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/TensorOperators.h>
@@ -115,8 +117,9 @@ void check_parameter(const LayerName& layer, const at::Tensor& input, const std:
 
 void check_batch_norm_arguments(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
-    int64_t num_features, int64_t dims, bool multi_step, bool per_step, bool batch_first) {
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, bool training, double eps, int64_t num_features,
+    int64_t dims, bool multi_step, bool per_step, bool batch_first) {
   TORCH_CHECK_VALUE(dims >= 1 && dims <= 3, "batch_norm: dims must be 1, 2 or 3, got ", dims);
   const LayerName layer{"BatchNorm", dims};
   TORCH_CHECK_VALUE(
@@ -135,14 +138,33 @@ void check_batch_norm_arguments(
   check_parameter(layer, input, bias, "bias", num_features);
   check_parameter(layer, input, running_mean, "running_mean", num_features);
   check_parameter(layer, input, running_var, "running_var", num_features);
-  const bool batch_statistics = training || !(running_mean.has_value() && running_mean->defined());
-  if (training || batch_statistics) {
-    // Values per channel (per time step with per_step) must be more than one.
-    c10::SymInt count = input.sym_numel() / num_features;
-    if (per_step && multi_step) count = count / input.sym_size(batch_first ? 1 : 0);
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
     TORCH_CHECK_VALUE(
-        count > 1, layer, ": expected more than 1 value per channel", per_step ? " and time step" : "",
-        " in training; got input ", input.sym_sizes());
+        num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->sym_numel() == 1, layer,
+        ": num_batches_tracked must be a single torch.int64 value, got ",
+        dtype_name(num_batches_tracked->scalar_type()), " ", num_batches_tracked->sym_sizes());
+  }
+  const bool has_mean = running_mean.has_value() && running_mean->defined();
+  const bool has_var = running_var.has_value() && running_var->defined();
+  TORCH_CHECK_VALUE(
+      has_mean == has_var, layer, ": running_mean and running_var must both be tensors or both be None, got ",
+      has_mean ? "a running_mean without running_var" : "a running_var without running_mean");
+  const bool batch_statistics = training || !has_mean;
+  // as torch.nn: eps > 0 with batch statistics, eps >= 0 with running ones
+  TORCH_CHECK_VALUE(
+      std::isfinite(eps) && (batch_statistics ? eps > 0 : eps >= 0), layer, ": eps must be ",
+      batch_statistics ? "positive when normalizing with batch statistics" : "non-negative", ", got ", eps);
+  if (batch_statistics) {
+    // Values per channel: N (T*B, or B per time step with per_step) times the spatial size. One
+    // value gives no variance; none gives an empty output, as in torch.nn.
+    const int64_t per_step_dim = per_step && multi_step ? (batch_first ? 1 : 0) : -1;
+    c10::SymInt count = 1;
+    for (int64_t d = 0; d < input.dim(); ++d) {
+      if (d != channel_dim && d != per_step_dim) count = count * input.sym_size(d);
+    }
+    TORCH_CHECK_VALUE(
+        count != 1, layer, ": expected more than 1 value per channel", per_step && multi_step ? " and time step" : "",
+        " when normalizing with batch statistics; got input ", input.sym_sizes());
   }
 }
 
@@ -162,11 +184,134 @@ std::tuple<at::Tensor, BatchNormLayout> batch_norm_layout(const at::Tensor& inpu
   return {walkable ? input : input.contiguous(), layout};
 }
 
-void check_batch_norm_block(const char* op, const at::Tensor& input, int64_t groups) {
+namespace {
+
+void check_block_input(const char* op, const at::Tensor& input, int64_t groups) {
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(input.scalar_type()), op, ": expected a floating-point input, got ",
+      dtype_name(input.scalar_type()));
   TORCH_CHECK_VALUE(input.dim() >= 2, op, ": expected a folded input [N, C, ...], got ", input.sym_sizes());
   TORCH_CHECK_VALUE(
       groups >= 1 && input.sym_size(0) % groups == 0, op, ": groups (", groups, ") must divide N = ",
       input.sym_size(0));
+}
+
+// A tensor beside the input: same device, floating point, `values` values.
+void check_companion(
+    const char* op, const at::Tensor& input, const at::Tensor& t, const char* name, const c10::SymInt& values,
+    const char* what) {
+  TORCH_CHECK_VALUE(
+      t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but the input is on ", input.device());
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(
+      t.sym_numel() == values, op, ": ", name, " must hold ", what, " = ", values, " values, got ", t.sym_sizes());
+}
+
+void check_block_statistic(const char* op, const at::Tensor& input, const at::Tensor& t, const char* name, int64_t groups) {
+  check_companion(op, input, t, name, input.sym_size(1) * groups, "groups x channels");
+}
+
+void check_block_parameter(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& t, const char* name) {
+  if (t.has_value() && t->defined()) check_companion(op, input, *t, name, input.sym_size(1), "channels");
+}
+
+void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(
+      grad_output.device() == input.device(), op, ": grad_output is on ", grad_output.device(),
+      " but the input is on ", input.device());
+  TORCH_CHECK_VALUE(
+      grad_output.sym_sizes() == input.sym_sizes(), op, ": grad_output must have the input's shape ",
+      input.sym_sizes(), ", got ", grad_output.sym_sizes());
+  TORCH_CHECK_TYPE(
+      grad_output.scalar_type() == input.scalar_type(), op, ": grad_output must have the input's dtype ",
+      dtype_name(input.scalar_type()), ", got ", dtype_name(grad_output.scalar_type()));
+}
+
+void check_eps(const char* op, double eps) {
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), op, ": eps must be finite and non-negative, got ", eps);
+}
+
+}  // namespace
+
+void check_stats_arguments(const at::Tensor& input, int64_t groups) {
+  check_block_input("batch_norm_stats", input, groups);
+}
+
+void check_elemt_arguments(
+    const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, int64_t groups) {
+  const char* op = "batch_norm_elemt";
+  check_block_input(op, input, groups);
+  check_block_statistic(op, input, mean, "mean", groups);
+  check_block_statistic(op, input, var, "var", groups);
+  check_block_parameter(op, input, weight, "weight");
+  check_block_parameter(op, input, bias, "bias");
+  check_eps(op, eps);
+}
+
+void check_backward_reduce_arguments(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, int64_t groups) {
+  const char* op = "batch_norm_backward_reduce";
+  check_block_input(op, input, groups);
+  check_grad_output(op, grad_output, input);
+  check_block_statistic(op, input, mean, "mean", groups);
+}
+
+void check_backward_elemt_arguments(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, double eps,
+    const c10::SymInt& count, int64_t groups) {
+  const char* op = "batch_norm_backward_elemt";
+  check_block_input(op, input, groups);
+  check_grad_output(op, grad_output, input);
+  for (const auto& [t, name] : {std::pair{&mean, "mean"}, {&var, "var"}, {&sum_dy, "sum_dy"}, {&sum_dy_xmu, "sum_dy_xmu"}}) {
+    check_block_statistic(op, input, *t, name, groups);
+  }
+  check_block_parameter(op, input, weight, "weight");
+  check_eps(op, eps);
+  // count covers every process when synchronised: at least this process's values per (group, channel)
+  const c10::SymInt local = input.sym_numel() / (input.sym_size(1) * groups).max(1);
+  TORCH_CHECK_VALUE(
+      count >= local, op, ": count (", count, ") must be at least the input's values per group and channel (",
+      local, ")");
+}
+
+void check_update_stats_arguments(
+    const at::Tensor& mean, const at::Tensor& var, const c10::SymInt& count, const at::Tensor& running_mean,
+    const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked) {
+  const char* op = "batch_norm_update_stats";
+  TORCH_CHECK_VALUE(
+      running_mean.dim() == 1 && running_var.sym_sizes() == running_mean.sym_sizes(), op,
+      ": expected running_mean and running_var [C], got ", running_mean.sym_sizes(), " and ",
+      running_var.sym_sizes());
+  TORCH_CHECK_VALUE(
+      mean.dim() == 2 && mean.sym_size(1) == running_mean.sym_size(0) && var.sym_sizes() == mean.sym_sizes(), op,
+      ": expected mean and var [G, C] with C = ", running_mean.sym_size(0), ", got ", mean.sym_sizes(), " and ",
+      var.sym_sizes());
+  for (const auto& [t, name] : {std::pair{&mean, "mean"}, {&var, "var"}, {&running_var, "running_var"}}) {
+    TORCH_CHECK_VALUE(
+        t->device() == running_mean.device(), op, ": ", name, " is on ", t->device(), " but running_mean is on ",
+        running_mean.device());
+    TORCH_CHECK_TYPE(
+        at::isFloatingType(t->scalar_type()), op, ": ", name, " must be floating point, got ",
+        dtype_name(t->scalar_type()));
+  }
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(running_mean.scalar_type()), op, ": running_mean must be floating point, got ",
+      dtype_name(running_mean.scalar_type()));
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    const at::Tensor& batches = *num_batches_tracked;
+    TORCH_CHECK_TYPE(
+        batches.scalar_type() == at::kLong, op, ": num_batches_tracked must be torch.int64, got ",
+        dtype_name(batches.scalar_type()));
+    TORCH_CHECK_VALUE(
+        batches.sym_numel() == 1 && batches.device() == running_mean.device(), op,
+        ": num_batches_tracked must be one value on ", running_mean.device(), ", got ", batches.sym_sizes(), " on ",
+        batches.device());
+  }
+  TORCH_CHECK_VALUE(
+      count >= 0 && count != 1, op, ": count must be 0 or more than 1 (values per channel), got ", count);
 }
 
 at::Tensor fold_time(const at::Tensor& input, bool multi_step) {
@@ -217,7 +362,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_backward(
   }
   // [G, C] -> [C]; with one group a view, not a kernel launch
   const auto over_groups = [](const at::Tensor& t) { return t.size(0) == 1 ? t.squeeze(0) : t.sum(0); };
-  if (needs[1]) {
+  if (needs[1] && input.sym_numel() == 0) {
+    grad_weight = at::zeros_like(*weight);  // the statistics of no values are NaN: nothing to scale
+  } else if (needs[1]) {
     // sum_dy_xmu * invstd per (group, channel) is the element op on [G, C] with a zero mean: one
     // kernel, where `sum_dy_xmu * (var + eps).rsqrt()` is three (and a scalar conversion)
     const at::Tensor scaled = call_elemt(sum_dy_xmu, zeros(), var, std::nullopt, std::nullopt, eps, groups);
@@ -247,19 +394,21 @@ at::Tensor batch_norm_composite(
     double eps, int64_t num_features, int64_t dims, bool multi_step_mode, bool per_step, bool batch_first) {
   const bool multi_step = detail::input_is_multi_step(input.dim(), dims, multi_step_mode);
   detail::check_batch_norm_arguments(
-      input, weight, bias, running_mean, running_var, training, num_features, dims, multi_step, per_step, batch_first);
+      input, weight, bias, running_mean, running_var, num_batches_tracked, training, eps, num_features, dims,
+      multi_step, per_step, batch_first);
   const bool has_running = running_mean.has_value() && running_mean->defined();
   const bool batch_statistics = training || !has_running;
   const bool per_step_statistics = per_step && multi_step && batch_statistics;
   // Per-step statistics group the folded rows by t: [B, T, ...] input is made time-major (a copy).
   const bool time_major = !(per_step_statistics && batch_first);
   const at::Tensor steps = time_major ? input : input.transpose(0, 1).contiguous();
-  const int64_t groups = per_step_statistics ? steps.size(0) : 1;
+  // T = 0 steps with per-step statistics: one empty group, and no update (torch.nn called 0 times)
+  const int64_t groups = per_step_statistics ? std::max<int64_t>(1, steps.size(0)) : 1;
   const at::Tensor folded = detail::fold_time(steps, multi_step);
   at::Tensor mean, var;
   const at::Tensor output = detail::call_normalize_first(
       folded, weight, bias, running_mean, running_var, batch_statistics, eps, groups, mean, var);
-  if (training && has_running) {
+  if (training && has_running && !(per_step_statistics && steps.size(0) == 0)) {
     detail::call_update_stats(
         mean, var, folded.sym_numel() / mean.sym_numel(), *running_mean, *running_var, num_batches_tracked,
         momentum);

@@ -13,6 +13,7 @@
 // the differentiable batch_norm_normalize (statistics + affine, autograd in C++), and the layer op
 // batch_norm = checks + fold + batch_norm_normalize + batch_norm_update_stats.
 #include <array>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -29,23 +30,27 @@ inline at::Tensor cast(const at::Tensor& t, at::ScalarType type) {
 inline at::Tensor dense(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
 // Count, mean and sum of squared deviations, merged with Chan's formula (numerically safe);
-// shared by the CPU and CUDA kernels.
+// shared by the CPU and CUDA kernels. The count is an integer so that it stays exact at any size
+// (a float count stops growing at 2^24). No values: mean and variance are NaN, as torch.var_mean's.
 template <typename acc_t>
 struct Moments {
-  acc_t count = 0, mean = 0, m2 = 0;
-  C10_HOST_DEVICE void merge(acc_t n, acc_t other_mean, acc_t other_m2) {
+  int64_t count = 0;
+  acc_t mean = 0, m2 = 0;
+  C10_HOST_DEVICE void merge(int64_t n, acc_t other_mean, acc_t other_m2) {
     if (n == 0) return;
-    const acc_t total = count + n;
+    const int64_t total = count + n;
+    const acc_t share = static_cast<acc_t>(n) / static_cast<acc_t>(total);
     const acc_t delta = other_mean - mean;
-    mean += delta * n / total;
-    m2 += other_m2 + delta * delta * count * n / total;
+    mean += delta * share;
+    m2 += other_m2 + delta * delta * static_cast<acc_t>(count) * share;
     count = total;
   }
   C10_HOST_DEVICE void merge(const Moments& other) { merge(other.count, other.mean, other.m2); }
   // mean and biased variance of (group, channel) `at`
   C10_HOST_DEVICE void write(acc_t* means, acc_t* vars, int64_t at) const {
-    means[at] = mean;
-    vars[at] = m2 / count;
+    const acc_t none = std::numeric_limits<acc_t>::quiet_NaN();
+    means[at] = count > 0 ? mean : none;
+    vars[at] = count > 0 ? m2 / static_cast<acc_t>(count) : none;
   }
 };
 
@@ -78,8 +83,25 @@ inline at::Tensor like_layout(const at::Tensor& t, const BatchNormLayout& layout
 // when contiguous or channels_last, else a contiguous copy.
 std::tuple<at::Tensor, BatchNormLayout> batch_norm_layout(const at::Tensor& input, int64_t groups);
 
-// Checks shared by the building-block ops' kernels (they are also public ops).
-void check_batch_norm_block(const char* op, const at::Tensor& input, int64_t groups);
+// Argument checks of the building-block ops (they are public ops), shared by their CPU, CUDA and
+// Meta kernels so that every device refuses the same inputs: a floating-point input [N, C, ...],
+// groups dividing N, statistics of groups x C values, parameters of C values, grad_output like
+// the input, everything on the input's device, eps >= 0.
+void check_stats_arguments(const at::Tensor& input, int64_t groups);
+void check_elemt_arguments(
+    const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, int64_t groups);
+void check_backward_reduce_arguments(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, int64_t groups);
+void check_backward_elemt_arguments(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, double eps,
+    const c10::SymInt& count, int64_t groups);
+// Statistics [G, C] beside running statistics [C] on one device; num_batches_tracked one int64;
+// count >= 0 and not 1 (the unbiased variance of one value is undefined).
+void check_update_stats_arguments(
+    const at::Tensor& mean, const at::Tensor& var, const c10::SymInt& count, const at::Tensor& running_mean,
+    const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked);
 
 // Forward of batch_norm_normalize on the folded tensor: (y, mean [G, C], biased var [G, C]) of the
 // batch; with batch_statistics false the running statistics are used and mean and var are empty.

@@ -105,6 +105,11 @@ void check_layer_norm_backward_block(
   TORCH_CHECK_VALUE(
       grad_output.sym_sizes() == input.sym_sizes() && grad_output.scalar_type() == input.scalar_type(),
       "layer_norm_backward: grad_output must match the input's shape and dtype");
+  for (const auto& [t, name] : {std::pair{&grad_output, "grad_output"}, {&mean, "mean"}, {&rstd, "rstd"}}) {
+    TORCH_CHECK_VALUE(
+        t->device() == input.device(), "layer_norm_backward: ", name, " is on ", t->device(), " but the input is on ",
+        input.device());
+  }
 }
 
 }  // namespace detail

@@ -27,7 +27,11 @@ using matterhorn::ops::detail::cast;
 using matterhorn::ops::detail::channels_innermost;
 using matterhorn::ops::detail::dense;
 using matterhorn::ops::detail::batch_norm_layout;
-using matterhorn::ops::detail::check_batch_norm_block;
+using matterhorn::ops::detail::check_backward_elemt_arguments;
+using matterhorn::ops::detail::check_backward_reduce_arguments;
+using matterhorn::ops::detail::check_elemt_arguments;
+using matterhorn::ops::detail::check_stats_arguments;
+using matterhorn::ops::detail::check_update_stats_arguments;
 using matterhorn::ops::cpu::Vec;
 using matterhorn::ops::cpu::for_each_lane;
 using matterhorn::ops::cpu::kLanes;
@@ -54,8 +58,17 @@ void for_channel_blocks(int64_t C, F&& f) {
   if (c0 < C) f(c0, C - c0, acc_t{});
 }
 
-// Count, mean and sum of squared deviations, merged with Chan's formula (numerically safe).
 int64_t chunks_of(int64_t rows) { return (rows + kRowsPerChunk - 1) / kRowsPerChunk; }
+
+// Rows are merged in double with an exact count: in float, millions of merges drift and a count
+// above 2^24 stops growing (statistics 10% off at 2^25 values per channel).
+template <typename acc_t>
+void write_moments(const Moments<double>& moments, acc_t* mean, acc_t* var, int64_t at) {
+  double m, v;
+  moments.write(&m, &v, 0);
+  mean[at] = static_cast<acc_t>(m);
+  var[at] = static_cast<acc_t>(v);
+}
 
 template <typename scalar_t, typename acc_t>
 void stats_kernel(const scalar_t* x, acc_t* mean, acc_t* var, const BatchNormLayout& l) {
@@ -64,13 +77,12 @@ void stats_kernel(const scalar_t* x, acc_t* mean, acc_t* var, const BatchNormLay
     at::parallel_for(0, l.groups * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t gc = begin; gc < end; ++gc) {
         const int64_t g = gc / C, c = gc % C;
-        Moments<acc_t> moments;
+        Moments<double> moments;
         for (int64_t m = 0; m < R; ++m) {
           const auto [row_mean, m2] = mean_and_m2<acc_t>(x + ((g * R + m) * C + c) * S, S);
-          moments.merge(static_cast<acc_t>(S), row_mean, m2);
+          moments.merge(S, row_mean, m2);
         }
-        mean[gc] = moments.mean;
-        var[gc] = moments.m2 / moments.count;
+        write_moments(moments, mean, var, gc);
       }
     });
     return;
@@ -111,13 +123,12 @@ void stats_kernel(const scalar_t* x, acc_t* mean, acc_t* var, const BatchNormLay
   at::parallel_for(0, l.groups * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t gc = begin; gc < end; ++gc) {
       const int64_t g = gc / C, c = gc % C;
-      Moments<acc_t> moments;
+      Moments<double> moments;
       for (int64_t k = 0; k < chunks; ++k) {
         const int64_t n = std::min(R, (k + 1) * kRowsPerChunk) - k * kRowsPerChunk;
-        moments.merge(static_cast<acc_t>(n), chunk_mean[(g * chunks + k) * C + c], chunk_m2[(g * chunks + k) * C + c]);
+        moments.merge(n, chunk_mean[(g * chunks + k) * C + c], chunk_m2[(g * chunks + k) * C + c]);
       }
-      mean[gc] = moments.mean;
-      var[gc] = moments.m2 / moments.count;
+      write_moments(moments, mean, var, gc);
     }
   });
 }
@@ -227,10 +238,9 @@ void channel_affine_kernel(scalar_t* out, const scalar_t* a, const acc_t* ka, co
   });
 }
 
-// Per-channel values ([G, C] statistics, [C] parameters) as a contiguous tensor of the
-// accumulation type; `count` values are expected.
-at::Tensor constants(const at::Tensor& t, const at::Tensor& input, int64_t count, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.numel() == count, op, ": ", name, " must hold ", count, " values, got ", t.sizes());
+// Per-channel values ([G, C] statistics, [C] parameters; sizes checked by the check_* functions)
+// as a contiguous tensor of the accumulation type.
+at::Tensor constants(const at::Tensor& t, const at::Tensor& input) {
   return dense(cast(t, at::toOpMathType(input.scalar_type())));
 }
 
@@ -240,13 +250,14 @@ const acc_t* optional_data(const std::optional<at::Tensor>& t) {
 }
 
 std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& input, int64_t groups) {
-  check_batch_norm_block("batch_norm_stats", input, groups);
+  check_stats_arguments(input, groups);
   at::Tensor x;
   BatchNormLayout layout;
   std::tie(x, layout) = batch_norm_layout(input, groups);
   const auto options = input.options().dtype(at::toOpMathType(input.scalar_type()));
   at::Tensor mean = at::empty({groups, layout.channels}, options);
   at::Tensor var = at::empty({groups, layout.channels}, options);
+  if (x.numel() == 0) return {mean.fill_(NAN), var.fill_(NAN)};  // no values: no statistics
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     stats_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), layout);
@@ -257,17 +268,18 @@ std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& input, int64_t gr
 at::Tensor elemt_cpu(
     const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, int64_t groups) {
-  check_batch_norm_block("batch_norm_elemt", input, groups);
+  check_elemt_arguments(input, mean, var, weight, bias, eps, groups);
   at::Tensor x;
   BatchNormLayout layout;
   std::tie(x, layout) = batch_norm_layout(input, groups);
   const int64_t C = layout.channels, GC = groups * C;
-  const at::Tensor mu = constants(mean, input, GC, "batch_norm_elemt", "mean");
-  const at::Tensor sigma2 = constants(var, input, GC, "batch_norm_elemt", "var");
+  const at::Tensor mu = constants(mean, input);
+  const at::Tensor sigma2 = constants(var, input);
   std::optional<at::Tensor> w, b;
-  if (weight.has_value() && weight->defined()) w = constants(*weight, input, C, "batch_norm_elemt", "weight");
-  if (bias.has_value() && bias->defined()) b = constants(*bias, input, C, "batch_norm_elemt", "bias");
+  if (weight.has_value() && weight->defined()) w = constants(*weight, input);
+  if (bias.has_value() && bias->defined()) b = constants(*bias, input);
   at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_elemt", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // y = x * scale + shift, scale = w / sqrt(var + eps), shift = b - mean * scale
@@ -287,14 +299,15 @@ at::Tensor elemt_cpu(
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, int64_t groups) {
-  check_batch_norm_block("batch_norm_backward_reduce", input, groups);
+  check_backward_reduce_arguments(grad_output, input, mean, groups);
   at::Tensor x;
   BatchNormLayout layout;
   std::tie(x, layout) = batch_norm_layout(input, groups);
   const at::Tensor dy = like_layout(grad_output, layout);
-  const at::Tensor mu = constants(mean, input, groups * layout.channels, "batch_norm_backward_reduce", "mean");
+  const at::Tensor mu = constants(mean, input);
   at::Tensor sum_dy = at::empty({groups, layout.channels}, mu.options());
   at::Tensor sum_dy_xmu = at::empty({groups, layout.channels}, mu.options());
+  if (x.numel() == 0) return {sum_dy.zero_(), sum_dy_xmu.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_reduce_kernel<scalar_t, acc_t>(
@@ -308,20 +321,21 @@ at::Tensor backward_elemt_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
     const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, double eps,
     c10::SymInt count, int64_t groups) {
-  check_batch_norm_block("batch_norm_backward_elemt", input, groups);
+  check_backward_elemt_arguments(grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, eps, count, groups);
   at::Tensor x;
   BatchNormLayout layout;
   std::tie(x, layout) = batch_norm_layout(input, groups);
   const at::Tensor dy = like_layout(grad_output, layout);
   const int64_t C = layout.channels, GC = groups * C;
   const char* op = "batch_norm_backward_elemt";
-  const at::Tensor mu = constants(mean, input, GC, op, "mean"), sigma2 = constants(var, input, GC, op, "var");
-  const at::Tensor s_dy = constants(sum_dy, input, GC, op, "sum_dy");
-  const at::Tensor s_dy_xmu = constants(sum_dy_xmu, input, GC, op, "sum_dy_xmu");
+  const at::Tensor mu = constants(mean, input), sigma2 = constants(var, input);
+  const at::Tensor s_dy = constants(sum_dy, input);
+  const at::Tensor s_dy_xmu = constants(sum_dy_xmu, input);
   std::optional<at::Tensor> w;
-  if (weight.has_value() && weight->defined()) w = constants(*weight, input, C, op, "weight");
+  if (weight.has_value() && weight->defined()) w = constants(*weight, input);
   const int64_t n = count.expect_int();  // values per (group, channel), over every process when synchronised
   at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward_elemt", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // dx = (dy - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n) * invstd * w
@@ -349,16 +363,15 @@ void update_stats_cpu(
     const at::Tensor& mean, const at::Tensor& var, c10::SymInt count, const at::Tensor& running_mean,
     const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked,
     std::optional<double> momentum) {
-  const int64_t C = running_mean.numel(), n = count.expect_int();
-  TORCH_CHECK_VALUE(
-      mean.dim() == 2 && mean.size(1) == C && var.sizes() == mean.sizes() && running_var.numel() == C,
-      "batch_norm_update_stats: expected mean and var [G, C] and running statistics [C], got ", mean.sizes(), ", ",
-      var.sizes(), ", ", running_mean.sizes(), ", ", running_var.sizes());
+  check_update_stats_arguments(mean, var, count, running_mean, running_var, num_batches_tracked);
   TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(),
                     "batch_norm_update_stats: running statistics must be contiguous");
+  const int64_t C = running_mean.numel(), n = count.expect_int();
   const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  TORCH_CHECK_TYPE(!tracked || num_batches_tracked->scalar_type() == at::kLong,
-                   "batch_norm_update_stats: num_batches_tracked must be int64");
+  if (n == 0) {  // an empty batch is counted, as torch.nn counts it, and leaves the statistics
+    if (tracked) num_batches_tracked->add_(mean.size(0));
+    return;
+  }
   // float statistics are read as they are (no cast ops: this runs once per training step)
   const auto stat_type = mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor m = dense(cast(mean, stat_type)), v = dense(cast(var, stat_type));

@@ -59,7 +59,7 @@ Moments<acc_t> row_moments(const scalar_t* row, int64_t D) {
   for (int64_t first = 0; first < D; first += kChunk) {
     const int64_t n = std::min(kChunk, D - first);
     const auto [mean, m2] = mean_and_m2<acc_t>(row + first, n);
-    moments.merge(static_cast<acc_t>(n), mean, m2);
+    moments.merge(n, mean, m2);
   }
   return moments;
 }

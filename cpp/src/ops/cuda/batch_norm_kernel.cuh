@@ -268,7 +268,8 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(const scalar_t* __res
     }
   });
   Moments<acc_t> slots[VEC];
-  for (int k = 0; k < VEC; ++k) slots[k] = Moments<acc_t>{n, mean[k], m2[k]};
+  // n counts this thread's vectors: far below 2^24, so exact in acc_t
+  for (int k = 0; k < VEC; ++k) slots[k] = Moments<acc_t>{static_cast<int64_t>(n), mean[k], m2[k]};
   write_partials(slots, t, s, partial);
 }
 
@@ -431,20 +432,22 @@ void launch_merge(const T* partial, int64_t pairs, int64_t splits, acc_t* first,
 
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> launch_stats(const at::Tensor& input, int64_t groups, const Launch& launch) {
-  detail::check_batch_norm_block("batch_norm_stats", input, groups);
+  detail::check_stats_arguments(input, groups);
   auto [x, layout] = detail::batch_norm_layout(input, groups);
   const auto acc = at::toOpMathType(input.scalar_type());
   const int64_t pairs = groups * layout.channels;
   at::Tensor mean = at::empty({groups, layout.channels}, input.options().dtype(acc));
   at::Tensor var = at::empty({groups, layout.channels}, input.options().dtype(acc));
   if (pairs == 0) return {mean, var};
+  if (x.numel() == 0) return {mean.fill_(NAN), var.fill_(NAN)};  // no values: no statistics
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_vector_width<scalar_t>(layout, {&x}, [&](auto width) {
       constexpr int VEC = decltype(width)::value;
       const Tiling t = plan_tiling(layout, VEC, launch.multiprocessors());
-      at::Tensor partial = at::empty({pairs, t.splits, 3}, mean.options());
-      auto* partial_moments = reinterpret_cast<Moments<acc_t>*>(partial.data_ptr<acc_t>());
+      at::Tensor partial =
+          at::empty({pairs * t.splits * static_cast<int64_t>(sizeof(Moments<acc_t>))}, mean.options().dtype(at::kByte));
+      auto* partial_moments = reinterpret_cast<Moments<acc_t>*>(partial.data_ptr<uint8_t>());
       launch(moments_kernel<scalar_t, acc_t, VEC>, grid_of(t), block_of(t), x.const_data_ptr<scalar_t>(), t,
              partial_moments);
       launch_merge(static_cast<const Moments<acc_t>*>(partial_moments), pairs, t.splits, mean.data_ptr<acc_t>(),
@@ -458,12 +461,10 @@ template <typename Launch>
 at::Tensor launch_elemt(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
                         int64_t groups, const Launch& launch) {
-  detail::check_batch_norm_block("batch_norm_elemt", input, groups);
+  detail::check_elemt_arguments(input, mean, var, weight, bias, eps, groups);
   auto [x, layout] = detail::batch_norm_layout(input, groups);
   const at::Tensor m = per_channel(mean, input), v = per_channel(var, input);
   const at::Tensor w = per_channel(weight, input), b = per_channel(bias, input);
-  TORCH_CHECK_VALUE(m.numel() == groups * layout.channels && v.numel() == m.numel(),
-                    "batch_norm_elemt: mean and var must hold groups x channels values");
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_elemt", [&] {
@@ -483,13 +484,14 @@ template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> launch_backward_reduce(const at::Tensor& grad_output, const at::Tensor& input,
                                                           const at::Tensor& mean, int64_t groups,
                                                           const Launch& launch) {
-  detail::check_batch_norm_block("batch_norm_backward_reduce", input, groups);
+  detail::check_backward_reduce_arguments(grad_output, input, mean, groups);
   auto [x, layout] = detail::batch_norm_layout(input, groups);
   const at::Tensor dy = detail::like_layout(grad_output, layout), mu = per_channel(mean, input);
   const int64_t pairs = groups * layout.channels;
   at::Tensor sum_dy = at::empty({groups, layout.channels}, mu.options());
   at::Tensor sum_dy_xmu = at::empty({groups, layout.channels}, mu.options());
   if (pairs == 0) return {sum_dy, sum_dy_xmu};
+  if (x.numel() == 0) return {sum_dy.zero_(), sum_dy_xmu.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_vector_width<scalar_t>(layout, {&x, &dy}, [&](auto width) {
@@ -511,7 +513,7 @@ at::Tensor launch_backward_elemt(const at::Tensor& grad_output, const at::Tensor
                                  const at::Tensor& var, const std::optional<at::Tensor>& weight,
                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, double eps, int64_t count,
                                  int64_t groups, const Launch& launch) {
-  detail::check_batch_norm_block("batch_norm_backward_elemt", input, groups);
+  detail::check_backward_elemt_arguments(grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, eps, count, groups);
   auto [x, layout] = detail::batch_norm_layout(input, groups);
   const at::Tensor dy = detail::like_layout(grad_output, layout);
   const at::Tensor m = per_channel(mean, input), v = per_channel(var, input), w = per_channel(weight, input);
@@ -538,10 +540,15 @@ void launch_update_stats(const at::Tensor& mean, const at::Tensor& var, int64_t 
                          const at::Tensor& running_mean, const at::Tensor& running_var,
                          const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
                          const Launch& launch) {
+  detail::check_update_stats_arguments(mean, var, count, running_mean, running_var, num_batches_tracked);
+  TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(),
+                    "batch_norm_update_stats: running statistics must be contiguous");
   const int64_t channels = running_mean.numel();
-  TORCH_CHECK_VALUE(mean.dim() == 2 && mean.size(1) == channels && var.sizes() == mean.sizes(),
-                    "batch_norm_update_stats: expected mean and var [G, C], got ", mean.sizes(), " and ", var.sizes());
   const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (count == 0) {  // an empty batch is counted, as torch.nn counts it, and leaves the statistics
+    if (tracked) num_batches_tracked->add_(mean.size(0));
+    return;
+  }
   // float statistics stay float (no cast kernels); the update itself runs in double
   const auto stat_type = mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor m = detail::dense(detail::cast(mean, stat_type)), v = detail::dense(detail::cast(var, stat_type));
