@@ -4,12 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The inference server's HTTP library, from Debian's packages.
-if [ ! -f /usr/include/httplib.h ] && command -v apt-get > /dev/null; then
+# The inference server's HTTP library (Boost.Beast/Asio, header-only), from Debian's packages.
+if [ ! -f /usr/include/boost/beast/http.hpp ] && command -v apt-get > /dev/null; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get install -y -q libcpp-httplib-dev > /dev/null ||
-    { $sudo apt-get update -q > /dev/null && $sudo apt-get install -y -q libcpp-httplib-dev > /dev/null; }
+  $sudo apt-get install -y -q libboost-dev > /dev/null ||
+    { $sudo apt-get update -q > /dev/null && $sudo apt-get install -y -q libboost-dev > /dev/null; }
 fi
 
 if [ ! -x .venv/bin/python ]; then

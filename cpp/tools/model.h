@@ -4,6 +4,7 @@
 // threads at once; each call runs under c10::InferenceMode.
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 
 #include <c10/core/InferenceMode.h>
@@ -11,6 +12,12 @@
 #include <torch/csrc/jit/serialization/import.h>
 
 namespace matterhorn::tools {
+
+// The model ran but returned something other than one tensor: a property of the model file, not
+// of the input.
+struct ModelOutputError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 class Model {
  public:
@@ -25,8 +32,14 @@ class Model {
 
   at::Tensor operator()(const at::Tensor& input) {
     const c10::InferenceMode inference;
-    if (package_) return package_->run({input}).at(0);
-    return script_->forward({input}).toTensor();
+    if (package_) {
+      std::vector<at::Tensor> outputs = package_->run({input});
+      if (outputs.empty()) throw ModelOutputError("the model returned no tensor");
+      return outputs[0];
+    }
+    const c10::IValue output = script_->forward({input});
+    if (!output.isTensor()) throw ModelOutputError("the model returned a " + output.tagKind() + ", not a tensor");
+    return output.toTensor();
   }
 
  private:
