@@ -164,7 +164,7 @@ void check_batch_norm_arguments(
     }
     TORCH_CHECK_VALUE(
         count != 1, layer, ": expected more than 1 value per channel", per_step && multi_step ? " and time step" : "",
-        " when normalizing with batch statistics; got input ", input.sym_sizes());
+        training ? " in training" : " without running statistics", "; got input ", input.sym_sizes());
   }
 }
 
