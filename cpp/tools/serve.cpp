@@ -35,6 +35,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -283,7 +284,11 @@ class WorkerPool {
         task = std::move(tasks_.front());
         tasks_.pop_front();
       }
-      task();
+      try {
+        task();
+      } catch (const std::exception& error) {  // e.g. out of memory building the answer: drop it
+        std::fprintf(stderr, "matterhorn_serve: a request was dropped: %s\n", error.what());
+      }
     }
   }
 
@@ -664,6 +669,7 @@ void raise_descriptor_limit(int connections) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::signal(SIGPIPE, SIG_IGN);  // a closed stdout or stderr must not end the server
   int status = 0;
   const std::optional<Options> options = parse_options(argc, argv, status);
   if (!options) return status;
@@ -702,9 +708,20 @@ int main(int argc, char** argv) {
   });
   std::make_shared<Listener>(context, acceptor, *server)->accept();
 
+  // A handler that throws (out of memory, most likely) costs its connection, not the server.
+  auto run = [&context] {
+    while (true) {
+      try {
+        context.run();
+        return;
+      } catch (const std::exception& error) {
+        std::fprintf(stderr, "matterhorn_serve: a connection was dropped: %s\n", error.what());
+      }
+    }
+  };
   std::vector<std::thread> io_threads;
-  for (int i = 1; i < kIoThreads; ++i) io_threads.emplace_back([&] { context.run(); });
-  context.run();
+  for (int i = 1; i < kIoThreads; ++i) io_threads.emplace_back(run);
+  run();
   for (auto& thread : io_threads) thread.join();
   server->pool.stop();
   return 0;
