@@ -1,0 +1,1218 @@
+"""Property-based fuzz cases: every layer and every public op, on drawn shapes (zero sizes
+included), dtypes, layouts, devices (cpu, meta) and argument values. Each call either raises a
+clean error (ValueError / TypeError / RuntimeError / IndexError, a message naming the layer) or
+equals torch.nn on the folded tensor (ops: a float64 plain-torch reference), within bounds that
+follow from the arithmetic (fuzz_strategies).
+
+These run only in a child process started by tests/test_fuzz.py (MATTERHORN_FUZZ_CHILD=1), so that
+a crash fails a test instead of killing the run; in the parent they are not collected.
+"""
+
+import copy
+import math
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import matterhorn_pytorch as mth  # noqa: F401 - registers torch.ops.matterhorn
+from fuzz_strategies import (ALLOWED, FLOATS, LAYOUTS, NON_FLOATS, Raised, assert_close_bound, bilinear_bounds,
+                             check_clean_error, describe, finfo_eps, make_tensor, normalization_bound, outcome,
+                             record, seeds)
+
+CHILD = os.environ.get("MATTERHORN_FUZZ_CHILD") == "1"
+ops = torch.ops.matterhorn
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def case(f):
+    """A fuzz case: collected only in the child process (see the module docstring)."""
+    f.__test__ = CHILD
+    return f
+
+
+def draw_dtype(data, label):
+    """Mostly floating dtypes; one draw in ten an integer or bool dtype."""
+    if data.draw(st.integers(0, 9), label=f"{label} kind") == 0:
+        return data.draw(st.sampled_from(NON_FLOATS), label=label)
+    return data.draw(st.sampled_from(FLOATS), label=label)
+
+
+def u_of(*dtypes):
+    """The coarsest eps among the floating dtypes involved."""
+    return max(finfo_eps(d) for d in dtypes if d.is_floating_point)
+
+
+def draw_device(data):
+    """cpu; meta (layer and input); or a mix (which must be a clean error)."""
+    return data.draw(st.sampled_from(["cpu", "cpu", "cpu", "meta", "meta-input", "meta-layer"]), label="device")
+
+
+def place(module, device):
+    return module.to("meta") if device in ("meta", "meta-layer") else module
+
+
+def input_device(device):
+    return "meta" if device in ("meta", "meta-input") else "cpu"
+
+
+def randomize_parameters(module, seed):
+    """Non-trivial affine parameters and running statistics, so that each one matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if t.is_floating_point() and t.numel():
+                values = torch.rand(t.shape, generator=g, dtype=torch.float64)
+                if name.endswith("running_var") or name.endswith("weight") and "Norm" in type(module).__name__:
+                    values = values + 0.5
+                else:
+                    values = values * 2 - 1
+                t.copy_(values.to(t.dtype))
+
+
+def twin_copy(ours, twin_cls, dtype=None):
+    """A plain torch.nn module with the same constructor state and tensors as ours."""
+    ref = twin_cls.__new__(twin_cls)
+    ref.__dict__ = copy.deepcopy({k: v for k, v in ours.__dict__.items()})
+    return ref.to(dtype) if dtype is not None else ref
+
+
+def torch_twin(cls):
+    return next(base for base in cls.__mro__ if base.__module__.startswith("torch.nn."))
+
+
+def leading_shape(data, multi_step):
+    if multi_step:
+        return [data.draw(st.integers(0, 3), label="T"), data.draw(st.integers(0, 3), label="B")]
+    return [data.draw(st.integers(0, 3), label="B")]
+
+
+# ---- the common layer property -------------------------------------------------------------------
+
+def check_layer(ours, ref_d, x, *, name, run_ref, layer_dtype, must_raise_reason=None, device="cpu",
+                compare=None, folded=None, norm=False):
+    """ours(x) against torch.nn's verdict: ref_d (the twin, same dtype and device) run by run_ref.
+    Raises where torch.nn raises (or must_raise_reason says the API forbids the input), else the
+    same shape and dtype, and on the CPU the values, gradients and state checked by `compare`.
+    An input dtype unlike the layer's (a normalization also takes float16/bfloat16 beside float32)
+    must raise, and a TypeError when it is the only thing wrong (torch.nn takes the input cast)."""
+    record(f"{name}: {ours!r}, device {device}, training={ours.training}\n  input {describe(x)}")
+    has_tensors = any(True for _ in ref_d.parameters()) or any(t is not None for t in ref_d.buffers())
+    if device in ("meta-input", "meta-layer") and has_tensors:
+        must_raise_reason = must_raise_reason or "meta tensors mixed with cpu ones"
+    dtype_ok = not has_tensors or x.dtype == layer_dtype or (norm and layer_dtype == torch.float32
+                                          and x.dtype in (torch.float16, torch.bfloat16))
+    type_error = False
+    if x.dtype in NON_FLOATS and must_raise_reason is None:  # whatever torch.nn does (an empty input passes)
+        must_raise_reason = "an integer or bool input"
+        type_error = not isinstance(outcome(lambda: run_ref(copy.deepcopy(ref_d), x.detach().to(layer_dtype))), Raised)
+    if not dtype_ok and must_raise_reason is None:
+        must_raise_reason = f"an input of dtype {x.dtype} to a {layer_dtype} layer"
+        type_error = not isinstance(outcome(lambda: run_ref(copy.deepcopy(ref_d), x.detach().to(layer_dtype))), Raised)
+    expected = outcome(lambda: run_ref(ref_d, x)) if must_raise_reason is None else None
+    result = outcome(lambda: ours(x))
+    user_shape = list(x.shape)
+    folded_shape = folded(x) if folded else None
+    if must_raise_reason is not None or isinstance(expected, Raised):
+        why = must_raise_reason or f"torch.nn {expected!r}"
+        assert isinstance(result, Raised), f"{why}, but {name} returned {describe(result)}"
+        check_clean_error(result, name, user_shape, folded_shape, (TypeError,) if type_error else ALLOWED)
+        return None
+    assert not isinstance(result, Raised), f"torch.nn returns {describe(expected)}, but {name} {result!r}"
+    assert result.shape == expected.shape and result.dtype == expected.dtype and result.device == expected.device, \
+        f"{name} returned {describe(result)}, torch.nn {describe(expected)}"
+    if device == "cpu" and compare is not None:
+        compare(result)
+    return result
+
+
+def grad_output_like(y, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+
+
+# ---- Linear ---------------------------------------------------------------------------------------
+
+@case
+@given(data=st.data())
+def test_linear_layer(data):
+    in_f, out_f = data.draw(st.integers(0, 5), label="in_features"), data.draw(st.integers(0, 5), label="out_features")
+    bias = data.draw(st.booleans(), label="bias")
+    layer_dtype = data.draw(st.sampled_from(FLOATS), label="layer dtype")
+    dtype = data.draw(st.sampled_from([layer_dtype] * 3 + FLOATS + NON_FLOATS), label="input dtype")
+    device = draw_device(data)
+    lead = [data.draw(st.integers(0, 3), label="leading size") for _ in range(data.draw(st.integers(0, 3), label="rank-1"))]
+    last = data.draw(st.sampled_from([in_f, in_f, in_f, in_f + 1]), label="last size")
+    shape = lead + [last] if data.draw(st.integers(0, 19), label="0-D?") else []
+    layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
+    seed = data.draw(seeds, label="seed")
+    batch_first = data.draw(st.booleans(), label="batch_first")
+    ours = mth.snn.Linear(in_f, out_f, bias, dtype=layer_dtype, batch_first=batch_first,
+                          multi_time_step=data.draw(st.booleans(), label="multi_step"))
+    randomize_parameters(ours, seed)
+    ref_d = place(nn.Linear(in_f, out_f, bias, dtype=layer_dtype), device)
+    ref_d.load_state_dict(ours.state_dict())
+    ours = place(ours, device)
+    x = make_tensor(shape, dtype, layout, input_device(device), seed)
+    requires_grad = dtype in (torch.float32, torch.float64) and dtype == layer_dtype and device == "cpu"
+    x = x.requires_grad_(requires_grad)
+
+    def compare(y):
+        w64 = ours.weight.detach().double()
+        b64 = ours.bias.detach().double() if bias else None
+        x64 = x.detach().double().requires_grad_()
+        params64 = [w64.clone().requires_grad_(), None if b64 is None else b64.clone().requires_grad_()]
+        y64 = F.linear(x64, *params64)
+        u = u_of(dtype, layer_dtype)
+        dy = grad_output_like(y, seed) if requires_grad else None
+        bound, grad_bounds = bilinear_bounds(F.linear, [x64, w64, b64], None if dy is None else dy.double(), u)
+        assert_close_bound(y, y64, bound, "Linear output")
+        if dy is None:
+            return
+        y.backward(dy)
+        expected = torch.autograd.grad(y64, [x64] + [p for p in params64 if p is not None], dy.double())
+        actual = [x.grad, ours.weight.grad] + ([ours.bias.grad] if bias else [])
+        for what, a, e, b in zip(["input", "weight", "bias"], actual, expected, grad_bounds):
+            assert a is not None, f"Linear: no gradient for the {what}"
+            assert_close_bound(a, e, b, f"Linear grad of {what}")
+
+    check_layer(ours, ref_d, x, name="Linear", run_ref=lambda m, t: m(t), layer_dtype=layer_dtype, device=device,
+                compare=compare,
+                must_raise_reason="a 0-D input" if not shape else None)
+
+
+# ---- convolutions ----------------------------------------------------------------------------------
+
+CONVS = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
+
+
+@case
+@given(data=st.data())
+def test_conv_layers(data):
+    name = data.draw(st.sampled_from(CONVS), label="layer")
+    transposed = name.startswith("ConvTranspose")
+    dims = int(name[-2])
+    groups = data.draw(st.sampled_from([1, 1, 2, 3]), label="groups")
+    in_c = data.draw(st.integers(1, 4), label="in_channels") * (groups if data.draw(st.integers(0, 4)) else 1)
+    out_c = data.draw(st.integers(1, 3), label="out_channels") * (groups if data.draw(st.integers(0, 4)) else 1)
+    per_dim = lambda s, label: tuple(data.draw(s, label=f"{label}[{d}]") for d in range(dims))  # noqa: E731
+    kernel = per_dim(st.integers(1, 3) if data.draw(st.integers(0, 19)) else st.integers(0, 3), "kernel")
+    stride = per_dim(st.integers(1, 2) if data.draw(st.integers(0, 19)) else st.integers(0, 2), "stride")
+    dilation = per_dim(st.integers(1, 2), "dilation")
+    kwargs = dict(stride=stride, dilation=dilation, groups=groups, bias=data.draw(st.booleans(), label="bias"))
+    if transposed:
+        kwargs["padding"] = per_dim(st.integers(0, 2), "padding")
+        kwargs["output_padding"] = per_dim(st.integers(0, 1), "output_padding")
+    else:
+        kwargs["padding"] = data.draw(st.sampled_from(["list", "list", "same", "valid"]), label="padding kind")
+        if kwargs["padding"] == "list":
+            kwargs["padding"] = per_dim(st.integers(0, 2) if data.draw(st.integers(0, 19)) else st.integers(-1, 2),
+                                        "padding")
+        kwargs["padding_mode"] = data.draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]),
+                                           label="padding_mode")
+    layer_dtype = data.draw(st.sampled_from(FLOATS), label="layer dtype")
+    dtype = data.draw(st.sampled_from([layer_dtype] * 3 + FLOATS + NON_FLOATS), label="input dtype")
+    device = draw_device(data)
+    multi = data.draw(st.booleans(), label="multi-step input")
+    batch_first = data.draw(st.booleans(), label="batch_first")
+    seed = data.draw(seeds, label="seed")
+    cls = getattr(mth.snn, name)
+    record(f"{name}({in_c}, {out_c}, {kernel}, **{kwargs})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin_made = outcome(lambda: getattr(nn, name)(in_c, out_c, kernel, **kwargs, dtype=layer_dtype))
+        made = outcome(lambda: cls(in_c, out_c, kernel, **kwargs, dtype=layer_dtype, batch_first=batch_first,
+                                   multi_time_step=multi if data.draw(st.booleans()) else None))
+    if isinstance(made, Raised):
+        # the API refuses sizes torch.nn accepts or rejects obscurely (docs/API.md): a ValueError then
+        check_clean_error(made, name, types=ALLOWED if isinstance(twin_made, Raised) else (ValueError,))
+        return
+    assert not isinstance(twin_made, Raised), f"torch.nn.{name} {twin_made!r}, but ours was made"
+    ours, ref_d = made, twin_made
+    randomize_parameters(ours, seed)
+    ref_d.load_state_dict(ours.state_dict())
+    ref_d, ours = place(ref_d, device), place(ours, device)
+    channels = data.draw(st.sampled_from([in_c] * 5 + [in_c + 1]), label="input channels")
+    spatial = [data.draw(st.integers(0, 5) if data.draw(st.integers(0, 9)) else st.integers(0, 1), label="spatial")
+               for _ in range(dims)]
+    lead = leading_shape(data, multi)
+    rank_change = data.draw(st.sampled_from([0] * 9 + [-1, 1]), label="rank change")
+    shape = lead + [channels] + spatial
+    shape = shape[:-1] if rank_change < 0 else shape + [2] if rank_change > 0 else shape
+    layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
+    x = make_tensor(shape, dtype, layout, input_device(device), seed, channel_dim=len(lead))
+    requires_grad = dtype in (torch.float32, torch.float64) and dtype == layer_dtype and device == "cpu"
+    x.requires_grad_(requires_grad)
+    folds = x.dim() == dims + 3
+    output_size = None
+    if transposed and data.draw(st.integers(0, 3)) == 0:
+        output_size = [s * st_ + data.draw(st.integers(-1, 1)) for s, st_ in zip(spatial, stride)]
+
+    def run_ref(m, t):
+        t = t.flatten(0, 1) if folds else t
+        y = m(t, output_size) if transposed else m(t)
+        return y.unflatten(0, x.shape[:2]) if folds else y
+
+    def ours_call(t):
+        return ours(t, output_size) if transposed else ours(t)
+
+    def compare(y):
+        ref64 = copy.deepcopy(ref_d).double()
+        x64 = x.detach().double().requires_grad_()
+        params = [ref64.weight, ref64.bias]
+
+        def f(xx, w, b):  # the twin with these tensors as its parameters
+            tensors = {"weight": w, **({"bias": b} if b is not None else {})}
+            return run_ref(lambda *a: torch.func.functional_call(ref64, tensors, a), xx)
+
+        y64 = run_ref(ref64, x64)
+        u = u_of(dtype, layer_dtype)
+        dy = grad_output_like(y, seed) if requires_grad else None
+        bound, grad_bounds = bilinear_bounds(
+            f, [x64, ref64.weight.detach(), None if ref64.bias is None else ref64.bias.detach()],
+            None if dy is None else dy.double(), u)
+        assert_close_bound(y, y64, bound, f"{name} output")
+        if dy is None:
+            return
+        y.backward(dy)
+        expected = torch.autograd.grad(y64, [x64] + [p for p in params if p is not None], dy.double())
+        actual = [x.grad, ours.weight.grad] + ([ours.bias.grad] if ours.bias is not None else [])
+        for what, a, e, b in zip(["input", "weight", "bias"], actual, expected, grad_bounds):
+            assert a is not None, f"{name}: no gradient for the {what}"
+            assert_close_bound(a, e, b, f"{name} grad of {what}")
+
+    wrong_rank = None if x.dim() in (dims + 2, dims + 3) else f"the API takes [T, B, C, ...] or [B, C, ...]"
+
+    class Call:  # ours with output_size, under check_layer's name
+        training = ours.training
+
+        def __call__(self, t):
+            return ours_call(t)
+
+        def state_dict(self):
+            return ours.state_dict()
+
+        def __repr__(self):
+            return f"{ours!r} output_size={output_size}"
+
+    check_layer(Call(), ref_d, x, name=name, run_ref=run_ref, layer_dtype=layer_dtype, must_raise_reason=wrong_rank,
+                device=device,
+                compare=compare, folded=(lambda t: list(t.flatten(0, 1).shape)) if folds else None)
+
+
+# ---- BatchNorm ------------------------------------------------------------------------------------
+
+def group_view(x64, groups):
+    """[N, C, *S] -> [G, N/G, C, prod(S)] (zero sizes included)."""
+    N, C = x64.shape[:2]
+    return x64.reshape(groups, N // groups, C, math.prod(x64.shape[2:]))
+
+
+def bn_statistics(x64, groups):
+    """Per (group, channel) mean, biased variance and count of a folded float64 [N, C, ...] input,
+    shaped to broadcast against [G, N/G, C, S]."""
+    xg = group_view(x64, groups)
+    count = xg.shape[1] * xg.shape[3]
+    mean = xg.mean(dim=(1, 3), keepdim=True)
+    var = ((xg - mean) ** 2).mean(dim=(1, 3), keepdim=True)
+    return xg, mean, var, count
+
+
+@case
+@given(data=st.data())
+def test_batch_norm_layers(data):
+    name = data.draw(st.sampled_from(["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]), label="layer")
+    dims = int(name[-2])
+    C = data.draw(st.integers(1, 4), label="num_features")
+    kwargs = dict(
+        eps=data.draw(st.sampled_from([1e-5, 1e-5, 1e-3, 0.5, 0.0, -1e-3]), label="eps"),
+        momentum=data.draw(st.sampled_from([0.1, 0.1, None, 0.0, 1.0, 0.5]), label="momentum"),
+        affine=data.draw(st.booleans(), label="affine"),
+        track_running_stats=data.draw(st.booleans(), label="track_running_stats"))
+    extras = dict(per_step=data.draw(st.booleans(), label="per_step"),
+                  batch_first=data.draw(st.booleans(), label="batch_first"))
+    mode = data.draw(st.sampled_from(["m", "s"]), label="step mode")
+    training = data.draw(st.booleans(), label="training")
+    layer_dtype = data.draw(st.sampled_from(FLOATS), label="layer dtype")
+    dtype = data.draw(st.sampled_from([layer_dtype] * 3 + FLOATS + NON_FLOATS), label="input dtype")
+    device = draw_device(data)
+    seed = data.draw(seeds, label="seed")
+    ours = getattr(mth.snn, name)(C, **kwargs, **extras, dtype=layer_dtype, multi_time_step=mode == "m")
+    ours.train(training)
+    randomize_parameters(ours, seed)
+    ref_d = twin_copy(ours, getattr(nn, name))
+    ref_d.train(training)
+    ref_d, ours = place(ref_d, device), place(ours, device)
+    # input: the layer's rank (BatchNorm1d: with or without L) or a wrong one; right or wrong channels
+    multi = data.draw(st.booleans(), label="multi-step input")
+    lead = leading_shape(data, multi)
+    spatial_rank = data.draw(st.sampled_from([0, 1]), label="L?") if dims == 1 else dims
+    spatial_rank += data.draw(st.sampled_from([0] * 12 + [-1, 1]), label="rank change")
+    spatial = [data.draw(st.integers(0, 4) if data.draw(st.integers(0, 9)) else st.integers(0, 1), label="spatial")
+               for _ in range(max(spatial_rank, 0))]
+    channels = data.draw(st.sampled_from([C] * 9 + [C + 1]), label="input channels")
+    shape = lead + [channels] + spatial
+    layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
+    scale = data.draw(st.sampled_from([1.0, 1.0, 1e-3, 1e3]), label="scale")
+    offset = data.draw(st.sampled_from([0.0, 0.0, 3.0]), label="offset")
+    x = make_tensor(shape, dtype, layout, input_device(device), seed, channel_dim=len(lead), scale=scale,
+                    offset=offset)
+    requires_grad = dtype in (torch.float32, torch.float64) and dtype == layer_dtype and device == "cpu"
+    x.requires_grad_(requires_grad)
+
+    rank = x.dim()
+    if dims == 1:
+        accepted = rank in (2, 3, 4)
+        folds = rank == 4 or (rank == 3 and mode == "m")
+    else:
+        accepted = rank in (dims + 2, dims + 3)
+        folds = rank == dims + 3
+    batch_first = extras["batch_first"] and folds
+    batch_stats = training or not kwargs["track_running_stats"]
+    loop = extras["per_step"] and folds and batch_stats  # per-step statistics: one torch.nn call per t
+
+    def time_major(t):
+        return t.transpose(0, 1) if batch_first else t
+
+    def run_ref(m, t):
+        if not folds:
+            return m(t)
+        steps = time_major(t)
+        if loop:
+            y = torch.stack([m(steps[i]) for i in range(steps.shape[0])]) if steps.shape[0] else steps * 1
+        else:
+            y = m(steps.flatten(0, 1)).unflatten(0, steps.shape[:2])
+        return time_major(y)
+
+    # torch.nn in float64 with the state before the call (ours updates its own state)
+    ref64 = twin_copy(ours, getattr(nn, name)).double() if device == "cpu" else None
+    state_before = {k: v.clone() for k, v in ours.state_dict().items()}
+
+    def compare(y):
+        ref64.train(training)
+        x64 = x.detach().double().requires_grad_()
+        y64 = run_ref(ref64, x64)
+        u = u_of(dtype, layer_dtype)
+        # statistics per (group, channel) on the time-major folded input [G, M, C, S]
+        tm = (lambda t: time_major(t).flatten(0, 1)) if folds else (lambda t: t)
+        xf = tm(x64.detach())
+        groups = time_major(x64).shape[0] if loop else 1
+        xg, mean, var, count = bn_statistics(xf, groups)
+        if not batch_stats:
+            mean = state_before["running_mean"].double().reshape(1, 1, C, 1)
+            var = state_before["running_var"].double().reshape(1, 1, C, 1)
+        eps = kwargs["eps"]
+        w = ours.weight.detach().double().abs().reshape(1, 1, C, 1) if ours.weight is not None else None
+        b = ours.bias.detach().double().abs().reshape(1, 1, C, 1) if ours.bias is not None else None
+        y64g = tm(y64.detach()).reshape(xg.shape)
+        bound = normalization_bound(xg, mean, var, count, eps, w, b, y64g, u, conditioned=batch_stats)
+        assert_close_bound(tm(y).reshape(xg.shape), y64g, bound, f"{name} output")
+        if training and kwargs["track_running_stats"]:
+            updates = groups
+            for key in ("running_mean", "running_var"):
+                expected = getattr(ref64, key)
+                second = (mean * mean + var).amax() if xg.numel() else torch.tensor(0.0, dtype=torch.float64)
+                sb = 4 * u * (count + 2) * updates * (expected.abs() + second + state_before[key].double().abs())
+                assert_close_bound(getattr(ours, key), expected, sb, f"{name}.{key}")
+            assert int(ours.num_batches_tracked) == int(ref64.num_batches_tracked), \
+                f"num_batches_tracked {int(ours.num_batches_tracked)}, torch.nn {int(ref64.num_batches_tracked)}"
+        if not requires_grad or y.numel() == 0:
+            return
+        dy = grad_output_like(y, seed)
+        y.backward(dy)
+        params = [p for p in (ref64.weight, ref64.bias) if p is not None]
+        expected = torch.autograd.grad(y64, [x64] + params, dy.double())
+        dyg = tm(dy.double()).reshape(xg.shape).abs()
+        invstd = (var + eps).abs().rsqrt()
+        xhat = ((xg - mean) * invstd).abs()
+        wv = 1.0 if w is None else w
+        cond = (1 + (mean * mean + var) / (var + eps).abs()) if batch_stats else 1.0
+        k = (count + 1) if batch_stats else 1
+        sums = (lambda t: t.sum(dim=(0, 1, 3))) if True else None
+        dx_bound = 4 * u * k * cond * wv * invstd * (dyg + dyg.mean(dim=(1, 3), keepdim=True)
+                                                    + xhat * (dyg * xhat).mean(dim=(1, 3), keepdim=True))
+        assert_close_bound(tm(x.grad).reshape(xg.shape), tm(expected[0]).reshape(xg.shape), dx_bound,
+                           f"{name} grad of input")
+        grads = [g for g in (ours.weight, ours.bias) if g is not None]
+        bounds = [4 * u * (count * xg.shape[0] + 1) * sums(cond * dyg * xhat), 4 * u * (count * xg.shape[0] + 1) * sums(dyg)]
+        for what, p, e, bd in zip(["weight", "bias"], grads, expected[1:], bounds):
+            assert p.grad is not None, f"{name}: no gradient for the {what}"
+            assert_close_bound(p.grad, e, bd.flatten(), f"{name} grad of {what}")
+
+    reason = None if accepted else "a rank the layer does not take"
+    if reason is None and x.shape[2 if folds else 1] != C:  # torch.nn without parameters would not notice
+        reason = "channels unlike num_features"
+    check_layer(ours, ref_d, x, name=name, run_ref=run_ref, layer_dtype=layer_dtype, must_raise_reason=reason,
+                device=device, norm=True, compare=compare, folded=(lambda t: list(time_major(t).flatten(0, 1).shape)) if folds else None)
+    if device == "meta" and training and kwargs["track_running_stats"]:
+        assert ours.running_mean.device.type == "meta"
+
+
+# ---- LayerNorm ------------------------------------------------------------------------------------
+
+@case
+@given(data=st.data())
+def test_layer_norm_layer(data):
+    normalized = [data.draw(st.integers(1, 4) if data.draw(st.integers(0, 9)) else st.integers(0, 1), label="shape")
+                  for _ in range(data.draw(st.integers(1, 2), label="normalized rank"))]
+    kwargs = dict(eps=data.draw(st.sampled_from([1e-5, 1e-5, 1e-3, 0.0, -1e-3]), label="eps"),
+                  elementwise_affine=data.draw(st.booleans(), label="affine"),
+                  bias=data.draw(st.booleans(), label="bias"))
+    layer_dtype = data.draw(st.sampled_from(FLOATS), label="layer dtype")
+    dtype = data.draw(st.sampled_from([layer_dtype] * 3 + FLOATS + NON_FLOATS), label="input dtype")
+    device = draw_device(data)
+    seed = data.draw(seeds, label="seed")
+    ours = mth.snn.LayerNorm(normalized, **kwargs, dtype=layer_dtype,
+                             batch_first=data.draw(st.booleans(), label="batch_first"),
+                             multi_time_step=data.draw(st.booleans(), label="multi_step"))
+    randomize_parameters(ours, seed)
+    ref_d = twin_copy(ours, nn.LayerNorm)
+    ref_d, ours = place(ref_d, device), place(ours, device)
+    lead = [data.draw(st.integers(0, 3), label="leading") for _ in range(data.draw(st.integers(0, 3), label="lead rank"))]
+    trailing = [s + data.draw(st.sampled_from([0] * 9 + [1]), label="size change") for s in normalized]
+    x = make_tensor(lead + trailing, dtype, data.draw(st.sampled_from(LAYOUTS), label="layout"),
+                    input_device(device), seed, scale=data.draw(st.sampled_from([1.0, 1e-3, 1e3]), label="scale"),
+                    offset=data.draw(st.sampled_from([0.0, 3.0]), label="offset"))
+    requires_grad = dtype in (torch.float32, torch.float64) and dtype == layer_dtype and device == "cpu"
+    x.requires_grad_(requires_grad)
+    D = math.prod(normalized)
+
+    def compare(y):
+        ref64 = twin_copy(ours, nn.LayerNorm).double()
+        x64 = x.detach().double().requires_grad_()
+        y64 = ref64(x64)
+        u = u_of(dtype, layer_dtype)
+        rows = x64.detach().reshape(-1, D) if D else x64.detach().reshape(-1, 0)
+        mean = rows.mean(-1, keepdim=True)
+        var = ((rows - mean) ** 2).mean(-1, keepdim=True)
+        w = ours.weight.detach().double().abs().reshape(1, -1) if ours.weight is not None else None
+        b = ours.bias.detach().double().abs().reshape(1, -1) if ours.bias is not None else None
+        eps = kwargs["eps"]
+        bound = normalization_bound(rows, mean, var, D, eps, w, b, y64.detach().reshape(rows.shape), u)
+        assert_close_bound(y.reshape(rows.shape), y64.reshape(rows.shape), bound, "LayerNorm output")
+        if not requires_grad or y.numel() == 0:
+            return
+        dy = grad_output_like(y, seed)
+        y.backward(dy)
+        params = [p for p in (ref64.weight, ref64.bias) if p is not None]
+        expected = torch.autograd.grad(y64, [x64] + params, dy.double())
+        dyr = dy.double().reshape(rows.shape).abs()
+        invstd = (var + eps).abs().rsqrt()
+        xhat = ((rows - mean) * invstd).abs()
+        wv = 1.0 if w is None else w
+        cond = 1 + (mean * mean + var) / (var + eps).abs()
+        dwyr = dyr * wv
+        dx_bound = 4 * u * (D + 1) * cond * invstd * (dwyr + dwyr.mean(-1, keepdim=True)
+                                                      + xhat * (dwyr * xhat).mean(-1, keepdim=True))
+        assert_close_bound(x.grad.reshape(rows.shape), expected[0].reshape(rows.shape), dx_bound, "LayerNorm grad of input")
+        n = rows.shape[0]
+        bounds = [4 * u * (n + 1) * (D + 1) * cond * (dyr * xhat).sum(0), 4 * u * (n + 1) * dyr.sum(0)]
+        grads = [g for g in (ours.weight, ours.bias) if g is not None]
+        for what, p, e, bd in zip(["weight", "bias"], grads, expected[1:], bounds):
+            assert p.grad is not None, f"LayerNorm: no gradient for the {what}"
+            assert_close_bound(p.grad, e, bd.reshape(e.shape), f"LayerNorm grad of {what}")
+
+    # the API: [T, B, ..., *shape] or [B, ..., *shape] (docs/API.md): one leading dimension at least
+    reason = None if x.dim() > len(normalized) else "an input without a leading dimension"
+    check_layer(ours, ref_d, x, name="LayerNorm", run_ref=lambda m, t: m(t), layer_dtype=layer_dtype,
+                must_raise_reason=reason, device=device, norm=True, compare=compare)
+
+
+# ---- the dense ops directly: linear, conv, conv_transpose -------------------------------------------
+
+@case
+@given(data=st.data())
+def test_linear_op(data):
+    """matterhorn.linear(input, weight, bias): any weight rank, bias shape, devices: torch's F.linear
+    on the input is the verdict (except 0-D input and meta/cpu mixes: errors)."""
+    seed = data.draw(seeds, label="seed")
+    dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
+    in_f, out_f = data.draw(st.integers(0, 4), label="in"), data.draw(st.integers(0, 4), label="out")
+    w_shape = data.draw(st.sampled_from([[out_f, in_f]] * 6 + [[in_f], [out_f, in_f, 1], []]), label="weight shape")
+    b_shape = data.draw(st.sampled_from([None, [out_f], [out_f], [out_f + 1], [1, out_f], []]), label="bias shape")
+    x_shape = [data.draw(st.integers(0, 3)) for _ in range(data.draw(st.integers(0, 3)))] + \
+        [data.draw(st.sampled_from([in_f, in_f, in_f + 1]))]
+    devices = [data.draw(st.sampled_from(["cpu"] * 6 + ["meta"]), label=f"device {k}") for k in range(3)]
+    layouts = [data.draw(st.sampled_from(LAYOUTS), label=f"layout {k}") for k in range(2)]
+    x = make_tensor(x_shape, dtype, layouts[0], devices[0], seed)
+    w = make_tensor(w_shape, dtype, layouts[1], devices[1], seed + 1)
+    b = None if b_shape is None else make_tensor(b_shape, dtype, "contiguous", devices[2], seed + 2)
+    record(f"torch.ops.matterhorn.linear({describe(x)}, {describe(w)}, {describe(b)})")
+    result = outcome(lambda: ops.linear(x, w, b))
+    mixed = len({t.device.type for t in (x, w, b) if t is not None}) > 1
+    expected = outcome(lambda: F.linear(x, w, b))
+    # the op's contract: weight [O, I], bias [O] (F.linear would also broadcast a bias)
+    if mixed or isinstance(expected, Raised) or w.dim() != 2 or (b is not None and list(b.shape) != [w.shape[0]]):
+        check_clean_error(result, "Linear")
+        return
+    assert not isinstance(result, Raised), f"F.linear returns {describe(expected)}, matterhorn.linear {result!r}"
+    assert result.shape == expected.shape and result.dtype == expected.dtype
+    if x.device.type == "cpu":
+        args = [x.double(), w.double(), None if b is None else b.double()]
+        bound, _ = bilinear_bounds(F.linear, args, None, u_of(dtype))
+        assert_close_bound(result, F.linear(*args), bound, "matterhorn.linear")
+
+
+@case
+@given(data=st.data())
+def test_conv_ops(data):
+    """matterhorn.conv / conv_transpose with hostile arguments: list lengths, negative or zero
+    values, groups that do not divide, padding modes, output_size. The verdict on valid arguments
+    is torch's functional convolution of the folded input (explicit padding for pairs and modes);
+    arguments torch refuses (or that the op's schema forbids) must be clean errors."""
+    seed = data.draw(seeds, label="seed")
+    transposed = data.draw(st.booleans(), label="transposed")
+    dims = data.draw(st.integers(1, 3), label="dims")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
+    groups = data.draw(st.sampled_from([1, 1, 2, 3, 0, -1]), label="groups")
+    g = max(groups, 1)
+    cin, cout = data.draw(st.integers(1, 3)) * g, data.draw(st.integers(1, 3)) * g
+    if data.draw(st.integers(0, 5)) == 0:
+        cin += 1
+    k = [data.draw(st.integers(1, 3)) for _ in range(dims)]
+    w_shape = [cin, cout // g] + k if transposed else [cout, cin // g] + k
+    if data.draw(st.integers(0, 9)) == 0:
+        w_shape = w_shape[:-1] if data.draw(st.booleans()) else w_shape + [1]
+    lengths = lambda: data.draw(st.sampled_from([dims] * 8 + [dims - 1, dims + 1]))  # noqa: E731
+    values = lambda lo, n: [data.draw(st.integers(lo, 2)) for _ in range(n)]  # noqa: E731
+    stride = values(1 if data.draw(st.integers(0, 9)) else -1, lengths())
+    dilation = values(1 if data.draw(st.integers(0, 9)) else -1, lengths())
+    n_pad = lengths() if transposed else data.draw(st.sampled_from([dims, dims, 2 * dims, dims + 1]))
+    padding = values(0 if data.draw(st.integers(0, 9)) else -1, n_pad)
+    b_shape = data.draw(st.sampled_from([None, [cout], [cout], [cout + 1]]), label="bias")
+    multi = data.draw(st.booleans(), label="multi")
+    spatial = [data.draw(st.integers(0, 5)) for _ in range(dims)]
+    lead = [data.draw(st.integers(0, 3)) for _ in range(2 if multi else 1)]
+    x = make_tensor(lead + [cin] + spatial, dtype, data.draw(st.sampled_from(LAYOUTS)),
+                    data.draw(st.sampled_from(["cpu"] * 9 + ["meta"]), label="input device"), seed,
+                    channel_dim=len(lead))
+    w = make_tensor(w_shape, dtype, "contiguous", "cpu", seed + 1)
+    b = None if b_shape is None else make_tensor(b_shape, dtype, "contiguous", "cpu", seed + 2)
+    folded = x.flatten(0, 1) if multi else x
+    fn = [None, F.conv1d, F.conv2d, F.conv3d][dims] if not transposed else \
+        [None, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d][dims]
+    if transposed:
+        output_padding = values(0, lengths())
+        output_size = None
+        if data.draw(st.integers(0, 3)) == 0:
+            output_size = [data.draw(st.integers(0, 12)) for _ in range(data.draw(st.sampled_from([dims, dims, dims + 1])))]
+        record(f"torch.ops.matterhorn.conv_transpose({describe(x)}, {describe(w)}, {describe(b)}, stride={stride}, "
+               f"padding={padding}, output_padding={output_padding}, groups={groups}, dilation={dilation}, "
+               f"output_size={output_size})")
+        result = outcome(lambda: ops.conv_transpose(x, w, b, stride, padding, output_padding, groups, dilation,
+                                                     output_size))
+
+        def reference(xx, ww, bb):
+            op = output_padding
+            if output_size is not None:  # torch.nn's rule: output_size picks output_padding in [0, stride)
+                smallest = [(xx.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (ww.shape[2 + d] - 1) + 1
+                            for d in range(dims)]
+                op = [s - m for s, m in zip(output_size, smallest)]
+                assert all(0 <= o < stride[d] for d, o in enumerate(op)), "output_size out of range"
+            return fn(xx, ww, bb, stride, padding, op, groups, dilation)
+        invalid = (len(stride) != dims or len(dilation) != dims or len(padding) != dims or len(output_padding) != dims
+                   or (output_size is not None and len(output_size) != dims))
+        # ours: an output size over zero is required (docs: "the output would be empty")
+    else:
+        mode = data.draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular", "bogus"]))
+        record(f"torch.ops.matterhorn.conv({describe(x)}, {describe(w)}, {describe(b)}, stride={stride}, "
+               f"padding={padding}, dilation={dilation}, groups={groups}, padding_mode={mode!r})")
+        result = outcome(lambda: ops.conv(x, w, b, stride, padding, dilation, groups, mode))
+
+        def reference(xx, ww, bb):
+            pairs = padding if len(padding) == 2 * dims else [p for p in padding for _ in (0, 1)]
+            assert len(pairs) == 2 * dims and all(p >= 0 for p in pairs)
+            flat = [v for d in reversed(range(dims)) for v in pairs[2 * d:2 * d + 2]]
+            padded = F.pad(xx, flat, mode="constant" if mode == "zeros" else mode)
+            return fn(padded, ww, bb, stride, 0, dilation, groups)
+        invalid = mode == "bogus" or len(stride) != dims or len(dilation) != dims
+    # the op's contract, also where torch lets an empty input through
+    invalid = invalid or min(stride + dilation) < 1 or min(padding, default=0) < 0 or groups < 1 or (
+        transposed and min(output_padding, default=0) < 0)
+    if transposed and not invalid and w.dim() == dims + 2:  # "the output would be empty" (docs/API.md)
+        invalid = any((folded.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (w.shape[2 + d] - 1) + 1
+                      + output_padding[d] <= 0 for d in range(dims))
+    expected = outcome(lambda: reference(folded, w, b)) if not invalid else None
+    if invalid or isinstance(expected, Raised) or x.device.type == "meta":
+        check_clean_error(result, "Conv")
+        return
+    assert not isinstance(result, Raised), f"torch's convolution returns {describe(expected)}, ours {result!r}"
+    expected = expected.unflatten(0, x.shape[:2]) if multi else expected
+    assert result.shape == expected.shape and result.dtype == expected.dtype
+    args = [folded.double(), w.double(), None if b is None else b.double()]
+    bound, _ = bilinear_bounds(reference, args, None, u_of(dtype))
+    unfold = (lambda t: t.unflatten(0, x.shape[:2])) if multi else (lambda t: t)
+    assert_close_bound(result, unfold(reference(*args)), unfold(bound), "matterhorn.conv")
+
+
+# ---- BatchNorm building blocks ------------------------------------------------------------------
+
+def stats_shape_variants(data, G, C, label):
+    """[G, C] mostly; sometimes transposed (same numel), one short or one long."""
+    return data.draw(st.sampled_from([[G, C]] * 8 + [[C, G], [G, C + 1], [G, max(C - 1, 0)]]), label=label)
+
+
+def bn_reference(x64, G):
+    xg = group_view(x64, G)
+    mean = xg.mean(dim=(1, 3))
+    var = ((xg - mean[:, None, :, None]) ** 2).mean(dim=(1, 3))
+    return xg, mean, var
+
+
+def draw_block_input(data, seed):
+    """A folded [N, C, *S] input with N = G * M (or a groups value that does not divide N)."""
+    dtype = data.draw(st.sampled_from(FLOATS + [torch.int64]), label="dtype")
+    G = data.draw(st.sampled_from([1, 1, 2, 3]), label="groups")
+    M, C = data.draw(st.integers(0, 3), label="M"), data.draw(st.integers(0, 4), label="C")
+    S = [data.draw(st.integers(0, 4)) for _ in range(data.draw(st.integers(0, 3), label="spatial rank"))]
+    N = G * M + (1 if data.draw(st.integers(0, 9)) == 0 else 0)
+    groups = data.draw(st.sampled_from([G] * 8 + [0, -1]), label="groups argument")
+    if data.draw(st.integers(0, 19)) == 0:
+        shape = [N]  # rank 1
+    else:
+        shape = [N, C] + S
+    x = make_tensor(shape, dtype, data.draw(st.sampled_from(LAYOUTS), label="layout"), "cpu", seed, channel_dim=1,
+                    offset=data.draw(st.sampled_from([0.0, 3.0])))
+    return x, G, C, groups, dtype
+
+
+def block_input_valid(x, G, groups):
+    return x.dim() >= 2 and groups >= 1 and x.shape[0] % groups == 0 and x.dtype.is_floating_point
+
+
+def maybe_meta(data, t, label):
+    """A tensor moved to meta one draw in twelve (beside cpu tensors: must be an error)."""
+    if t is not None and data.draw(st.integers(0, 11), label=f"{label} on meta") == 0:
+        return t.to("meta")
+    return t
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_block(result, valid, tensors, op, compare, either=False):
+    """valid: must equal the reference (compare); invalid or meta mixed with cpu: a clean error;
+    either: an argument without effect on the result (an empty input): one or the other."""
+    mixed = len({t.device.type for t in tensors if t is not None}) > 1
+    if either and not mixed and isinstance(result, Raised):
+        valid = False
+    if not valid or mixed:
+        family = ("BatchNorm", "batch_norm") if op.startswith("batch_norm") else ("LayerNorm", "layer_norm")
+        check_clean_error(result, (op, *family))
+        return
+    assert not isinstance(result, Raised), f"{op} on valid arguments {result!r}"
+    compare(result)
+
+
+@case
+@given(data=st.data())
+def test_batch_norm_stats_op(data):
+    seed = data.draw(seeds)
+    x, G, C, groups, dtype = draw_block_input(data, seed)
+    x = maybe_meta(data, x, "input")
+    record(f"torch.ops.matterhorn.batch_norm_stats({describe(x)}, {groups})")
+    result = outcome(lambda: ops.batch_norm_stats(x, groups))
+    valid = block_input_valid(x, G, groups)
+    if valid and x.device.type == "meta":
+        assert not isinstance(result, Raised), f"meta: {result!r}"
+        assert [list(t.shape) for t in result] == [[groups, x.shape[1]]] * 2
+        return
+    empty = valid and x.numel() == 0 and x.shape[1] > 0
+
+    def compare(r):
+        mean, var = r
+        xg, m64, v64 = bn_reference(x.double(), groups)
+        count = xg.shape[1] * xg.shape[3]
+        assert mean.dtype == var.dtype == acc_dtype(dtype)
+        u = u_of(dtype, acc_dtype(dtype))
+        second = m64 * m64 + v64
+        assert_close_bound(mean, m64, 4 * u * (count + 1) * second.sqrt(), "batch_norm_stats mean")
+        assert_close_bound(var, v64, 4 * u * (count + 1) * second, "batch_norm_stats var")
+
+    if empty and isinstance(result, Raised):  # no values per channel: an error, or NaN statistics
+        check_clean_error(result, "batch_norm_stats")
+        return
+    check_block(result, valid, [x], "batch_norm_stats", compare)
+
+
+def elemt_reference(x64, mean, var, w, b, eps, G):
+    xg = group_view(x64, G)
+    scale = (var + eps).rsqrt()
+    y = (xg - mean[:, None, :, None]) * scale[:, None, :, None]
+    if w is not None:
+        y = y * w[None, None, :, None]
+    if b is not None:
+        y = y + b[None, None, :, None]
+    return y.reshape(x64.shape)
+
+
+def draw_stats(data, G, C, dtype, seed, label, positive=False):
+    shape = stats_shape_variants(data, G, C, label)
+    t = make_tensor(shape, acc_dtype(dtype) if dtype.is_floating_point else torch.float32, "contiguous", "cpu", seed)
+    return t.abs() + 0.1 if positive else t
+
+
+def draw_param(data, C, dtype, seed, label):
+    choice = data.draw(st.sampled_from(["none", "ok", "ok", "ok", "long", "short"]), label=label)
+    if choice == "none":
+        return None
+    size = C + (1 if choice == "long" else -1 if choice == "short" and C > 0 else 0)
+    pdt = dtype if dtype.is_floating_point else torch.float32
+    return make_tensor([size], pdt, "contiguous", "cpu", seed)
+
+
+@case
+@given(data=st.data())
+def test_batch_norm_elemt_op(data):
+    seed = data.draw(seeds)
+    x, G, C, groups, dtype = draw_block_input(data, seed)
+    mean = draw_stats(data, G, C, dtype, seed + 1, "mean shape")
+    var = draw_stats(data, G, C, dtype, seed + 2, "var shape", positive=True)
+    w, b = draw_param(data, C, dtype, seed + 3, "weight"), draw_param(data, C, dtype, seed + 4, "bias")
+    eps = data.draw(st.sampled_from([1e-5, 1e-5, 0.0, 0.5, -1e-3, -10.0]), label="eps")
+    x, mean, var, w = (maybe_meta(data, t, l) for t, l in [(x, "x"), (mean, "mean"), (var, "var"), (w, "w")])
+    record(f"torch.ops.matterhorn.batch_norm_elemt({describe(x)}, {describe(mean)}, {describe(var)}, {describe(w)}, "
+           f"{describe(b)}, eps={eps}, groups={groups})")
+    result = outcome(lambda: ops.batch_norm_elemt(x, mean, var, w, b, eps, groups))
+    valid = (block_input_valid(x, G, groups) and list(mean.shape) == [groups, x.shape[1]]
+             and list(var.shape) == [groups, x.shape[1]] and eps >= 0
+             and all(p is None or list(p.shape) == [x.shape[1]] for p in (w, b)))
+
+    def compare(y):
+        assert y.shape == x.shape and y.dtype == x.dtype
+        if y.device.type == "meta":
+            return
+        ps = [None if p is None else p.double() for p in (w, b)]
+        y64 = elemt_reference(x.double(), mean.double(), var.double(), *ps, eps, groups)
+        u = u_of(dtype, mean.dtype, *[p.dtype for p in (w, b) if p is not None])
+        xg = group_view(x.double(), groups)
+        bound = normalization_bound(xg, mean.double()[:, None, :, None], var.double()[:, None, :, None], 1, eps,
+                                    None if ps[0] is None else ps[0].abs()[None, None, :, None],
+                                    None if ps[1] is None else ps[1].abs()[None, None, :, None],
+                                    y64.reshape(xg.shape), u, conditioned=False)
+        assert_close_bound(y, y64, bound.reshape(x.shape), "batch_norm_elemt")
+
+    check_block(result, valid, [x, mean, var, w, b], "batch_norm_elemt", compare)
+
+
+def draw_grad_output(data, x, seed):
+    """dy like x; or another shape (same numel, fewer or more elements), dtype or device."""
+    choice = data.draw(st.sampled_from(["same"] * 8 + ["reshaped", "short", "long", "dtype"]), label="grad_output")
+    shape, dtype = list(x.shape), x.dtype if x.dtype.is_floating_point else torch.float32
+    if choice == "reshaped" and x.dim() >= 2:
+        shape = [shape[1], shape[0]] + shape[2:]
+    elif choice == "short":
+        shape = [max(shape[0] - 1, 0)] + shape[1:]
+    elif choice == "long":
+        shape = [shape[0] + 1] + shape[1:] if x.dim() else [2]
+    elif choice == "dtype":
+        dtype = torch.float64 if dtype != torch.float64 else torch.float32
+    return make_tensor(shape, dtype, data.draw(st.sampled_from(LAYOUTS), label="dy layout"), "cpu", seed)
+
+
+@case
+@given(data=st.data())
+def test_batch_norm_backward_reduce_op(data):
+    seed = data.draw(seeds)
+    x, G, C, groups, dtype = draw_block_input(data, seed)
+    dy = draw_grad_output(data, x, seed + 1)
+    mean = draw_stats(data, G, C, dtype, seed + 2, "mean shape")
+    dy, x, mean = (maybe_meta(data, t, l) for t, l in [(dy, "dy"), (x, "x"), (mean, "mean")])
+    record(f"torch.ops.matterhorn.batch_norm_backward_reduce({describe(dy)}, {describe(x)}, {describe(mean)}, {groups})")
+    result = outcome(lambda: ops.batch_norm_backward_reduce(dy, x, mean, groups))
+    valid = (block_input_valid(x, G, groups) and dy.shape == x.shape and dy.dtype == x.dtype
+             and list(mean.shape) == [groups, x.shape[1]])
+
+    def compare(r):
+        sum_dy, sum_dy_xmu = r
+        assert list(sum_dy.shape) == list(sum_dy_xmu.shape) == [groups, x.shape[1]]
+        if sum_dy.device.type == "meta":
+            return
+        xg = group_view(x.double(), groups)
+        dyg = dy.double().reshape(xg.shape)
+        xmu = xg - mean.double()[:, None, :, None]
+        count = xg.shape[1] * xg.shape[3]
+        u = u_of(dtype, mean.dtype)
+        assert_close_bound(sum_dy, dyg.sum(dim=(1, 3)), 4 * u * (count + 1) * dyg.abs().sum(dim=(1, 3)), "sum_dy")
+        assert_close_bound(sum_dy_xmu, (dyg * xmu).sum(dim=(1, 3)),
+                           4 * u * (count + 1) * (dyg.abs() * (xg.abs() + mean.double().abs()[:, None, :, None])).sum(dim=(1, 3)),
+                           "sum_dy_xmu")
+
+    check_block(result, valid, [dy, x, mean], "batch_norm_backward_reduce", compare)
+
+
+@case
+@given(data=st.data())
+def test_batch_norm_backward_elemt_op(data):
+    seed = data.draw(seeds)
+    x, G, C, groups, dtype = draw_block_input(data, seed)
+    dy = draw_grad_output(data, x, seed + 1)
+    mean = draw_stats(data, G, C, dtype, seed + 2, "mean shape")
+    var = draw_stats(data, G, C, dtype, seed + 3, "var shape", positive=True)
+    w = draw_param(data, C, dtype, seed + 4, "weight")
+    sum_dy = draw_stats(data, G, C, dtype, seed + 5, "sum_dy shape")
+    sum_dy_xmu = draw_stats(data, G, C, dtype, seed + 6, "sum_dy_xmu shape")
+    eps = data.draw(st.sampled_from([1e-5, 1e-5, 0.5, -1e-3]), label="eps")
+    per_group = (x.numel() // max(1, x.shape[0] * x.shape[1]) * (x.shape[0] // groups)) if x.dim() >= 2 and groups >= 1 else 0
+    count = data.draw(st.sampled_from([per_group] * 4 + [per_group * 3, 0, -1, 1]), label="count")
+    dy, x, mean, var, sum_dy = (maybe_meta(data, t, l) for t, l in
+                                [(dy, "dy"), (x, "x"), (mean, "mean"), (var, "var"), (sum_dy, "sum_dy")])
+    record(f"torch.ops.matterhorn.batch_norm_backward_elemt({describe(dy)}, {describe(x)}, {describe(mean)}, "
+           f"{describe(var)}, {describe(w)}, {describe(sum_dy)}, {describe(sum_dy_xmu)}, eps={eps}, count={count}, "
+           f"groups={groups})")
+    result = outcome(lambda: ops.batch_norm_backward_elemt(dy, x, mean, var, w, sum_dy, sum_dy_xmu, eps, count, groups))
+    stats_ok = all(list(t.shape) == [groups, x.shape[1]] for t in (mean, var, sum_dy, sum_dy_xmu)) if x.dim() >= 2 else False
+    valid = (block_input_valid(x, G, groups) and dy.shape == x.shape and dy.dtype == x.dtype and stats_ok
+             and (w is None or list(w.shape) == [x.shape[1]]) and eps >= 0)
+    either = False
+    if valid and count < 1:  # no value to average over: an error, unless there is no value at all
+        valid, either = x.numel() == 0, x.numel() == 0
+
+    def compare(dx):
+        assert dx.shape == x.shape and dx.dtype == x.dtype
+        if dx.device.type == "meta":
+            return
+        xg = group_view(x.double(), groups)
+        dyg = dy.double().reshape(xg.shape)
+        e = lambda t: t.double()[:, None, :, None]  # noqa: E731
+        invstd = (e(var) + eps).rsqrt()
+        wv = 1.0 if w is None else w.double()[None, None, :, None]
+        expected = (dyg - e(sum_dy) / count - (xg - e(mean)) * invstd ** 2 * e(sum_dy_xmu) / count) * invstd * wv
+        u = u_of(dtype, mean.dtype)
+        bound = 8 * u * (dyg.abs() + e(sum_dy).abs() / count
+                         + (xg.abs() + e(mean).abs()) * invstd ** 2 * e(sum_dy_xmu).abs() / count) * invstd * abs(wv)
+        assert_close_bound(dx, expected.reshape(x.shape), bound.reshape(x.shape), "batch_norm_backward_elemt")
+
+    check_block(result, valid, [dy, x, mean, var, w, sum_dy, sum_dy_xmu], "batch_norm_backward_elemt", compare,
+                either=either)
+
+
+@case
+@given(data=st.data())
+def test_batch_norm_update_stats_op(data):
+    seed = data.draw(seeds)
+    C = data.draw(st.integers(0, 4), label="C")
+    G = data.draw(st.integers(1, 3), label="G")
+    dtype = data.draw(st.sampled_from(FLOATS), label="running dtype")
+    stat_dtype = data.draw(st.sampled_from([acc_dtype(dtype), torch.float32, torch.float64]), label="stat dtype")
+    mean = make_tensor(stats_shape_variants(data, G, C, "mean shape"), stat_dtype, "contiguous", "cpu", seed)
+    var = make_tensor(stats_shape_variants(data, G, C, "var shape"), stat_dtype, "contiguous", "cpu", seed + 1).abs()
+    rm = make_tensor([C + data.draw(st.sampled_from([0] * 9 + [1]))], dtype, "contiguous", "cpu", seed + 2)
+    rv = make_tensor([C + data.draw(st.sampled_from([0] * 9 + [1]))], dtype, "contiguous", "cpu", seed + 3).abs()
+    nbt_kind = data.draw(st.sampled_from(["scalar"] * 5 + ["none", "[2]", "[0]", "float"]), label="num_batches_tracked")
+    nbt = {"scalar": torch.tensor(data.draw(st.integers(0, 5))), "none": None, "[2]": torch.zeros(2, dtype=torch.long),
+           "[0]": torch.zeros(0, dtype=torch.long), "float": torch.tensor(1.0)}[nbt_kind]
+    momentum = data.draw(st.sampled_from([0.1, 0.1, None, 0.0, 1.0]), label="momentum")
+    count = data.draw(st.sampled_from([2, 10, 1000, 1, 0, -3]), label="count")
+    rm, rv, mean, nbt = (maybe_meta(data, t, l) for t, l in [(rm, "rm"), (rv, "rv"), (mean, "mean"), (nbt, "nbt")])
+    before = [None if t is None or t.device.type == "meta" else t.clone() for t in (rm, rv, nbt)]
+    record(f"torch.ops.matterhorn.batch_norm_update_stats({describe(mean)}, {describe(var)}, {count}, {describe(rm)}, "
+           f"{describe(rv)}, {describe(nbt)}, momentum={momentum})")
+    result = outcome(lambda: ops.batch_norm_update_stats(mean, var, count, rm, rv, nbt, momentum))
+    valid = (list(mean.shape) == [G, C] and list(var.shape) == [G, C] and list(rm.shape) == [C]
+             and list(rv.shape) == [C] and nbt_kind in ("scalar", "none") and count >= 2)
+    if valid and momentum is None and nbt is None and isinstance(result, Raised):
+        check_clean_error(result, ("batch_norm_update_stats", "BatchNorm"))  # no count to average over: may refuse
+        return
+
+    def compare(_):
+        if rm.device.type == "meta":
+            return
+        erm, erv = before[0].double(), before[1].double()
+        batches = int(before[2]) if before[2] is not None else None
+        for g in range(G):
+            factor = 0.0 if momentum is None else momentum  # no count: nothing changes
+            if batches is not None:
+                batches += 1
+                factor = 1.0 / batches if momentum is None else momentum
+            erm = (1 - factor) * erm + factor * mean[g].double()
+            erv = (1 - factor) * erv + factor * var[g].double() * count / (count - 1)
+        u = u_of(dtype, stat_dtype)
+        scale = 4 * u * (G + 2) * (erm.abs() + erv.abs() + mean.double().abs().amax(0) + var.double().amax(0) * 2)
+        assert_close_bound(rm, erm, scale, "running_mean")
+        assert_close_bound(rv, erv, scale, "running_var")
+        if nbt is not None:
+            assert int(nbt) == batches, f"num_batches_tracked {int(nbt)}, expected {batches}"
+
+    check_block(result, valid, [mean, var, rm, rv, nbt], "batch_norm_update_stats", compare)
+
+
+@case
+@given(data=st.data())
+def test_batch_norm_normalize_op(data):
+    seed = data.draw(seeds)
+    x, G, C, groups, dtype = draw_block_input(data, seed)
+    w, b = draw_param(data, C, dtype, seed + 1, "weight"), draw_param(data, C, dtype, seed + 2, "bias")
+    batch_statistics = data.draw(st.booleans(), label="batch_statistics")
+    running = [draw_param(data, C, dtype, seed + 3 + k, f"running {k}") for k in range(2)]
+    running[1] = None if running[1] is None else running[1].abs() + 0.1
+    eps = data.draw(st.sampled_from([1e-5, 1e-5, 0.5, 0.0, -1e-3]), label="eps")
+    x = maybe_meta(data, x, "x")
+    record(f"torch.ops.matterhorn.batch_norm_normalize({describe(x)}, {describe(w)}, {describe(b)}, "
+           f"{describe(running[0])}, {describe(running[1])}, {batch_statistics}, {eps}, {groups})")
+    result = outcome(lambda: ops.batch_norm_normalize(x, w, b, running[0], running[1], batch_statistics, eps, groups))
+    Cx = x.shape[1] if x.dim() >= 2 else -1
+    valid = (block_input_valid(x, G, groups) and eps >= 0
+             and all(p is None or list(p.shape) == [Cx] for p in (w, b, *([] if batch_statistics else running)))
+             and (batch_statistics or all(r is not None for r in running)))
+    if valid and batch_statistics and x.numel() == 0 and Cx > 0 and isinstance(result, Raised):
+        check_clean_error(result, "batch_norm")  # no values to take statistics of: an error, or NaN
+        return
+
+    def compare(r):
+        y, mean, var = r
+        assert y.shape == x.shape and y.dtype == x.dtype
+        if y.device.type == "meta":
+            return
+        x64 = x.double()
+        if batch_statistics:
+            xg, m64, v64 = bn_reference(x64, groups)
+            count = xg.shape[1] * xg.shape[3]
+            second = m64 * m64 + v64
+            u = u_of(dtype, acc_dtype(dtype))
+            assert_close_bound(mean, m64, 4 * u * (count + 1) * second.sqrt(), "batch_norm_normalize mean")
+            assert_close_bound(var, v64, 4 * u * (count + 1) * second, "batch_norm_normalize var")
+        else:
+            m64, v64, count = running[0].double()[None], running[1].double()[None], 1
+            assert mean.numel() == 0 and var.numel() == 0
+        ps = [None if p is None else p.double() for p in (w, b)]
+        G_ = m64.shape[0]
+        y64 = elemt_reference(x64, m64, v64, *ps, eps, G_) if G_ == groups or not batch_statistics else None
+        if not batch_statistics:
+            y64 = elemt_reference(x64, m64.expand(groups, -1), v64.expand(groups, -1), *ps, eps, groups)
+        xg = group_view(x64, groups)
+        mg = m64.expand(groups, -1)[:, None, :, None]
+        vg = v64.expand(groups, -1)[:, None, :, None]
+        bound = normalization_bound(xg, mg, vg, count, eps,
+                                    None if ps[0] is None else ps[0].abs()[None, None, :, None],
+                                    None if ps[1] is None else ps[1].abs()[None, None, :, None],
+                                    y64.reshape(xg.shape), u_of(dtype, *[p.dtype for p in (w, b) if p is not None]),
+                                    conditioned=batch_statistics)
+        assert_close_bound(y, y64, bound.reshape(x.shape), "batch_norm_normalize output")
+
+    used = [x, w, b] + ([] if batch_statistics else running)  # batch statistics never read the running ones
+    check_block(result, valid, used, "batch_norm_normalize", compare)
+
+
+@case
+@given(data=st.data())
+def test_batch_norm_op(data):
+    """The layer op directly, with argument combinations the classes never pass: one running
+    statistic without the other, num_batches_tracked of another size or dtype, dims out of range,
+    num_features unlike the parameters, negative eps. torch's F.batch_norm on the folded input
+    is the verdict; what it refuses must be a clean error."""
+    seed = data.draw(seeds)
+    dims = data.draw(st.sampled_from([1, 2, 3, 2, 0, 4]), label="dims")
+    C = data.draw(st.integers(1, 3), label="C")
+    num_features = data.draw(st.sampled_from([C] * 6 + [C + 1, 0]), label="num_features")
+    d = min(max(dims, 1), 3)
+    T, B = data.draw(st.integers(0, 3), label="T"), data.draw(st.integers(0, 3), label="B")
+    spatial = [data.draw(st.integers(0, 3)) for _ in range(d)]
+    x = make_tensor([T, B, C] + spatial, torch.float64, data.draw(st.sampled_from(LAYOUTS)), "cpu", seed, channel_dim=2)
+    param = lambda s, size: make_tensor([size], torch.float64, "contiguous", "cpu", seed + s)  # noqa: E731
+    w = data.draw(st.sampled_from([param(1, C), param(1, C), None, param(1, C + 1)]), label="weight")
+    b = data.draw(st.sampled_from([param(2, C), None]), label="bias")
+    rm = data.draw(st.sampled_from([param(3, C), param(3, C), None, param(3, C + 1)]), label="running_mean")
+    rv = data.draw(st.sampled_from([param(4, C).abs() + 0.1] * 2 + [None]), label="running_var")
+    nbt = data.draw(st.sampled_from([torch.tensor(2), torch.tensor(2), None, torch.zeros(2, dtype=torch.long),
+                                     torch.zeros(0, dtype=torch.long)]), label="num_batches_tracked")
+    training = data.draw(st.booleans(), label="training")
+    momentum = data.draw(st.sampled_from([0.1, None, 0.5]), label="momentum")
+    eps = data.draw(st.sampled_from([1e-5, 1e-5, 0.0, -1e-3]), label="eps")
+    state = [None if t is None else t.clone() for t in (rm, rv, nbt)]
+    record(f"torch.ops.matterhorn.batch_norm({describe(x)}, {describe(w)}, {describe(b)}, {describe(rm)}, {describe(rv)}, "
+           f"{describe(nbt)}, training={training}, momentum={momentum}, eps={eps}, num_features={num_features}, "
+           f"dims={dims}, multi_step_mode=True)")
+    result = outcome(lambda: ops.batch_norm(x, w, b, rm, rv, nbt, training, momentum, eps, num_features, dims, True))
+    rm_, rv_, nbt_ = state
+
+    def reference():
+        # torch.nn's module: num_batches_tracked is updated by the module, the rest by F.batch_norm
+        assert dims == d and num_features == C, "dims / num_features unlike the input"
+        assert nbt_ is None or nbt_.dim() == 0, "num_batches_tracked must be a scalar"
+        assert (rm_ is None) == (rv_ is None), "running_mean and running_var: both or neither (torch.nn's check)"
+        assert all(t is None or list(t.shape) == [C] for t in (w, b, rm_, rv_)), "parameters of another size"
+        factor = momentum
+        if training and nbt_ is not None and rm_ is not None:
+            nbt_.add_(1)
+            if momentum is None:
+                factor = 1.0 / float(nbt_)
+        return F.batch_norm(x.flatten(0, 1), rm_, rv_, w, b, training or rm_ is None, 0.0 if factor is None else factor,
+                            eps).unflatten(0, (T, B))
+    expected = outcome(reference)
+    if isinstance(expected, Raised):
+        check_clean_error(result, "BatchNorm" if 1 <= dims <= 3 else "batch_norm")
+        return
+    assert not isinstance(result, Raised), f"torch.nn returns {describe(expected)}, matterhorn.batch_norm {result!r}"
+    u = finfo_eps(torch.float64)
+    folded = x.flatten(0, 1)
+    batch = training or rm_ is None
+    xg, mean, var, count = bn_statistics(folded, 1)
+    if not batch:
+        mean, var = state[0].reshape(1, 1, C, 1), state[1].reshape(1, 1, C, 1)
+    bound = normalization_bound(xg, mean, var, count, eps, None if w is None else w.abs().reshape(1, 1, C, 1),
+                                None if b is None else b.abs().reshape(1, 1, C, 1),
+                                expected.flatten(0, 1).reshape(xg.shape), u, conditioned=batch)
+    assert_close_bound(result, expected, bound.reshape(expected.shape), "matterhorn.batch_norm")
+    second = (mean * mean + var).amax() if xg.numel() else torch.tensor(0.0, dtype=torch.float64)
+    for got, want, what in zip((rm, rv), (rm_, rv_), ("running_mean", "running_var")):
+        if got is not None:
+            assert_close_bound(got, want, 4 * u * (count + 2) * (want.abs() + second), what)
+    if nbt is not None:
+        assert torch.equal(nbt, nbt_), f"num_batches_tracked {nbt.tolist()}, torch.nn {nbt_.tolist()}"
+
+
+# ---- LayerNorm ops ------------------------------------------------------------------------------
+
+def draw_layer_norm_input(data, seed):
+    normalized = [data.draw(st.integers(1, 4) if data.draw(st.integers(0, 9)) else st.integers(0, 1))
+                  for _ in range(data.draw(st.integers(1, 2)))]
+    lead = [data.draw(st.integers(0, 3)) for _ in range(data.draw(st.integers(0, 2)))]
+    trailing = [s + data.draw(st.sampled_from([0] * 9 + [1])) for s in normalized]
+    dtype = data.draw(st.sampled_from(FLOATS + [torch.int64]), label="dtype")
+    x = make_tensor(lead + trailing, dtype, data.draw(st.sampled_from(LAYOUTS)), "cpu", seed)
+    return x, normalized, dtype
+
+
+def ln_param(data, normalized, dtype, seed, label):
+    choice = data.draw(st.sampled_from(["none", "ok", "ok", "ok", "wrong", "float32"]), label=label)
+    if choice == "none":
+        return None
+    shape = list(normalized) if choice != "wrong" else list(normalized) + [1]
+    pdt = torch.float32 if choice == "float32" or not dtype.is_floating_point else dtype
+    return make_tensor(shape, pdt, "contiguous", "cpu", seed)
+
+
+def ln_valid(x, normalized, params, dtype):
+    n = len(normalized)
+    reduced = dtype in (torch.float16, torch.bfloat16)
+    return (x.dim() >= n and list(x.shape[x.dim() - n:]) == list(normalized) and dtype.is_floating_point
+            and all(s >= 1 for s in normalized)
+            and all(p is None or (list(p.shape) == list(normalized)
+                                  and (p.dtype == dtype or (reduced and p.dtype == torch.float32))) for p in params))
+
+
+def ln_reference(x64, normalized):
+    rows = x64.reshape(-1, math.prod(normalized))
+    mean = rows.mean(-1, keepdim=True)
+    var = ((rows - mean) ** 2).mean(-1, keepdim=True)
+    return rows, mean, var
+
+
+@case
+@given(data=st.data())
+def test_layer_norm_ops(data):
+    """layer_norm (the layer op) and layer_norm_normalize: F.layer_norm's verdict and float64 values
+    (the layer op: at least one leading dimension, docs/API.md)."""
+    seed = data.draw(seeds)
+    x, normalized, dtype = draw_layer_norm_input(data, seed)
+    w, b = ln_param(data, normalized, dtype, seed + 1, "weight"), ln_param(data, normalized, dtype, seed + 2, "bias")
+    eps = data.draw(st.sampled_from([1e-5, 1e-5, 0.0, -1e-3, 1.0]), label="eps")
+    x, w = maybe_meta(data, x, "x"), maybe_meta(data, w, "w")
+    which = data.draw(st.sampled_from(["layer_norm", "layer_norm_normalize"]), label="op")
+    record(f"torch.ops.matterhorn.{which}({describe(x)}, {normalized}, {describe(w)}, {describe(b)}, {eps})")
+    result = outcome(lambda: getattr(ops, which)(x, normalized, w, b, eps))
+    if which == "layer_norm":  # the layer's op: torch's verdict, with a leading dimension (docs/API.md)
+        on_cpu = all(t is None or t.device.type == "cpu" for t in (x, w))
+        valid = on_cpu and x.dim() > len(normalized) and not isinstance(
+            outcome(lambda: F.layer_norm(x, normalized, w, b, eps)), Raised)
+    else:  # the building block: every normalized size >= 1 (ops/layer_norm.h)
+        valid = ln_valid(x, normalized, (w, b), dtype)
+
+    def compare(r):
+        y = r if which == "layer_norm" else r[0]
+        assert y.shape == x.shape and y.dtype == x.dtype
+        if y.device.type == "meta":
+            return
+        rows, mean, var = ln_reference(x.double(), normalized)
+        y64 = F.layer_norm(x.double(), normalized, None if w is None else w.double(), None if b is None else b.double(), eps)
+        D = rows.shape[1]
+        u = u_of(dtype, *[p.dtype for p in (w, b) if p is not None])
+        bound = normalization_bound(rows, mean, var, D, eps, None if w is None else w.double().abs().reshape(1, -1),
+                                    None if b is None else b.double().abs().reshape(1, -1), y64.reshape(rows.shape), u)
+        assert_close_bound(y.reshape(rows.shape), y64.reshape(rows.shape), bound, f"{which} output")
+        if which == "layer_norm_normalize":
+            lead = list(x.shape[:x.dim() - len(normalized)])
+            m, rstd = r[1], r[2]
+            assert list(m.shape) == lead and list(rstd.shape) == lead and m.dtype == acc_dtype(dtype)
+            second = mean * mean + var
+            assert_close_bound(m.reshape(-1, 1), mean, 4 * u * (D + 1) * second.sqrt(), "mean")
+            assert_close_bound(rstd.reshape(-1, 1), (var + eps).rsqrt(),
+                               4 * u * (D + 1) * second / (var + eps).abs() * (var + eps).abs().rsqrt(), "rstd")
+
+    check_block(result, valid, [x, w, b], which, compare)
+
+
+@case
+@given(data=st.data())
+def test_layer_norm_backward_op(data):
+    seed = data.draw(seeds)
+    x, normalized, dtype = draw_layer_norm_input(data, seed)
+    w = ln_param(data, normalized, dtype, seed + 1, "weight")
+    dy = draw_grad_output(data, x, seed + 2)
+    lead = list(x.shape[:max(x.dim() - len(normalized), 0)])
+    stat_shape = data.draw(st.sampled_from([lead] * 8 + [lead + [1], [max(math.prod(lead), 0) + 1]]), label="stat shape")
+    stat_dtype = data.draw(st.sampled_from([acc_dtype(dtype)] * 5 + [torch.float16]), label="stat dtype")
+    valid = ln_valid(x, normalized, (w,), dtype) and dy.shape == x.shape and dy.dtype == x.dtype and \
+        stat_shape == lead and stat_dtype == acc_dtype(dtype)
+    if valid:  # consistent statistics of x
+        rows, mean, var = ln_reference(x.double(), normalized)
+        mean_t = mean.reshape(lead).to(stat_dtype)
+        rstd_t = (var + 1e-5).rsqrt().reshape(lead).to(stat_dtype)
+    else:
+        mean_t = make_tensor(stat_shape, stat_dtype, "contiguous", "cpu", seed + 3)
+        rstd_t = make_tensor(stat_shape, stat_dtype, "contiguous", "cpu", seed + 4).abs()
+    dy, x, mean_t, w = (maybe_meta(data, t, l) for t, l in [(dy, "dy"), (x, "x"), (mean_t, "mean"), (w, "w")])
+    record(f"torch.ops.matterhorn.layer_norm_backward({describe(dy)}, {describe(x)}, {normalized}, {describe(mean_t)}, "
+           f"{describe(rstd_t)}, {describe(w)})")
+    result = outcome(lambda: ops.layer_norm_backward(dy, x, normalized, mean_t, rstd_t, w))
+
+    def compare(r):
+        dx, dw, db = r
+        assert dx.shape == x.shape and dx.dtype == x.dtype
+        if dx.device.type == "meta":
+            return
+        rows = x.double().reshape(-1, math.prod(normalized))
+        m = mean_t.double().reshape(-1, 1)
+        rstd = rstd_t.double().reshape(-1, 1)
+        g = dy.double().reshape(rows.shape)
+        wv = torch.ones(rows.shape[1], dtype=torch.float64) if w is None else w.double().reshape(-1)
+        xhat = (rows - m) * rstd
+        gw = g * wv
+        D = rows.shape[1]
+        expected = rstd * (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True))
+        u = u_of(dtype, mean_t.dtype, *([w.dtype] if w is not None else []))
+        ax, ag = xhat.abs() + 1e-300, gw.abs()
+        cond = 1 + (m * m) * rstd * rstd
+        bound = 4 * u * (D + 2) * cond * rstd * (ag + ag.mean(-1, keepdim=True) + ax * (ag * ax).mean(-1, keepdim=True))
+        assert_close_bound(dx.reshape(rows.shape), expected, bound, "layer_norm_backward grad_input")
+        if w is not None:
+            n = rows.shape[0]
+            assert_close_bound(dw.reshape(-1), (g * xhat).sum(0), 4 * u * (n + 2) * cond.amax() * (g.abs() * ax).sum(0)
+                               if n else torch.zeros(D), "grad_weight")
+            assert_close_bound(db.reshape(-1), g.sum(0), 4 * u * (n + 2) * g.abs().sum(0), "grad_bias")
+
+    check_block(result, valid, [dy, x, mean_t, rstd_t, w], "layer_norm_backward", compare)
+
+
+# Every public op has a case above (checked by tests/test_fuzz.py against the registered ops).
+FUZZED_OPS = {
+    "linear": test_linear_op, "conv": test_conv_ops, "conv_transpose": test_conv_ops,
+    "batch_norm": test_batch_norm_op, "batch_norm_stats": test_batch_norm_stats_op,
+    "batch_norm_elemt": test_batch_norm_elemt_op, "batch_norm_backward_reduce": test_batch_norm_backward_reduce_op,
+    "batch_norm_backward_elemt": test_batch_norm_backward_elemt_op,
+    "batch_norm_update_stats": test_batch_norm_update_stats_op, "batch_norm_normalize": test_batch_norm_normalize_op,
+    "layer_norm": test_layer_norm_ops, "layer_norm_normalize": test_layer_norm_ops,
+    "layer_norm_backward": test_layer_norm_backward_op,
+}
+FUZZED_LAYERS = {
+    "Linear": test_linear_layer, **{n: test_conv_layers for n in CONVS},
+    **{n: test_batch_norm_layers for n in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")},
+    "LayerNorm": test_layer_norm_layer,
+}
