@@ -4,12 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The inference server's HTTP library (Boost.Beast/Asio, header-only), from Debian's packages.
-if [ ! -f /usr/include/boost/beast/http.hpp ] && command -v apt-get > /dev/null; then
+# Debian packages: the inference server's HTTP library (Boost.Beast/Asio, header-only), and
+# qemu-user, with which the tests run the library as on CPUs without AVX2 or AVX-512.
+packages=()
+[ -f /usr/include/boost/beast/http.hpp ] || packages+=(libboost-dev)
+command -v qemu-x86_64 > /dev/null || packages+=(qemu-user)
+if [ ${#packages[@]} -gt 0 ] && command -v apt-get > /dev/null; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get install -y -q libboost-dev > /dev/null ||
-    { $sudo apt-get update -q > /dev/null && $sudo apt-get install -y -q libboost-dev > /dev/null; }
+  $sudo apt-get install -y -q "${packages[@]}" > /dev/null ||
+    { $sudo apt-get update -q > /dev/null && $sudo apt-get install -y -q "${packages[@]}" > /dev/null; }
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -11,5 +11,8 @@ C10_EXPORT std::string version();
 C10_EXPORT std::string torch_version();
 // Whether the CUDA kernels were compiled in.
 C10_EXPORT bool with_cuda();
+// The build of the CPU kernels this process runs: "DEFAULT", "AVX2" or "AVX512" (the best the
+// CPU has, lowered by ATEN_CPU_CAPABILITY as torch's own kernels are).
+C10_EXPORT std::string cpu_capability();
 
 }  // namespace matterhorn

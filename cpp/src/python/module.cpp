@@ -179,6 +179,8 @@ PYBIND11_MODULE(_C, m) {
     return info;
   });
 
+  m.def("cpu_capability", &cpu_capability, "the build of the CPU kernels this process runs: DEFAULT, AVX2 or AVX512");
+
   m.def(
       "same_padding",
       [](const std::vector<int64_t>& kernel_size, const std::vector<int64_t>& dilation) {

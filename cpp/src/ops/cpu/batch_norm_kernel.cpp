@@ -2,6 +2,7 @@
 // the input (moments per row, or per cached chunk of rows for channels_last, merged with Chan's
 // formula), float32 accumulation for float16/bfloat16, no transposes or layout copies for
 // contiguous or channels_last inputs, parallel over (group, channel) or over rows.
+// Compiled once per CPU capability; the ops call the build cpu/dispatch.cpp chooses.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -13,9 +14,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include "ops/batch_norm.h"
+#include "ops/cpu/dispatch.h"
 #include "ops/cpu/vectorized.h"
 
 namespace {
@@ -403,10 +404,10 @@ void update_stats_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(matterhorn, CPU, m) {
-  m.impl("batch_norm_stats", &stats_cpu);
-  m.impl("batch_norm_elemt", &elemt_cpu);
-  m.impl("batch_norm_backward_reduce", &backward_reduce_cpu);
-  m.impl("batch_norm_backward_elemt", &backward_elemt_cpu);
-  m.impl("batch_norm_update_stats", &update_stats_cpu);
+template <>
+const matterhorn::ops::cpu::BatchNormKernels&
+matterhorn::ops::cpu::batch_norm_kernels<matterhorn::ops::cpu::Capability::MATTERHORN_CPU_CAPABILITY>() {
+  static const BatchNormKernels kernels{&stats_cpu, &elemt_cpu, &backward_reduce_cpu, &backward_elemt_cpu,
+                                        &update_stats_cpu};
+  return kernels;
 }

@@ -3,6 +3,7 @@
 // two sums and then its input gradient, the weight and bias gradients summed per task in cache and
 // merged in task order (the same result every run at a given thread count). float32
 // accumulation for float16/bfloat16, whose parameters may be float16/bfloat16 or float32.
+// Compiled once per CPU capability; the ops call the build cpu/dispatch.cpp chooses.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -15,9 +16,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
-#include <torch/library.h>
 
 #include "ops/batch_norm.h"  // Moments, cast, dense
+#include "ops/cpu/dispatch.h"
 #include "ops/cpu/vectorized.h"
 #include "ops/layer_norm.h"
 
@@ -205,7 +206,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(matterhorn, CPU, m) {
-  m.impl("layer_norm_normalize", &normalize_cpu);
-  m.impl("layer_norm_backward", &backward_cpu);
+template <>
+const matterhorn::ops::cpu::LayerNormKernels&
+matterhorn::ops::cpu::layer_norm_kernels<matterhorn::ops::cpu::Capability::MATTERHORN_CPU_CAPABILITY>() {
+  static const LayerNormKernels kernels{&normalize_cpu, &backward_cpu};
+  return kernels;
 }

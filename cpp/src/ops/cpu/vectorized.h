@@ -1,13 +1,15 @@
 #pragma once
-// 64-byte vectors of the accumulation type for the CPU kernels, as GCC and Clang vector extensions:
-// one AVX-512 register, two AVX2 or four SSE ones, whatever the file is compiled for. The kernels
-// write each loop once for a vector body and a scalar tail (load_as / store_as with T = Vec<acc_t>
-// or acc_t). Measured on the CPU machines, against the `#pragma omp simd` loops they replace:
-// reductions keep four sums in flight and add a vector's lanes as a tree (an omp simd reduction
-// kept one sum and added the lanes one by one: a LayerNorm row's moments cost twice its apply
-// pass); bfloat16/float16 convert a vector at a time (element by element they were 2-5x slower
-// than torch); and built with -fopenmp, which at::parallel_for needs, GCC 12 made one omp simd
-// reduction 15x slower and kept channel-block sums in memory.
+// Vectors of the accumulation type for the CPU kernels, as GCC and Clang vector extensions, one
+// register wide for the instruction set the file is compiled for: 64 bytes with AVX-512, 32 with
+// AVX2, 16 otherwise (SSE2, the x86-64 baseline; NEON). The kernels write each loop once for a
+// vector body and a scalar tail (load_as / store_as with T = Vec<acc_t> or acc_t). Reductions keep
+// four sums in flight and add a vector's lanes as a tree; bfloat16/float16 convert a whole vector
+// at once. No `#pragma omp simd`: built with -fopenmp (which at::parallel_for needs), GCC 12
+// compiles such reductions far slower than these loops.
+//
+// Every kernel file that includes this is compiled once per CPU capability (see cpu/capability.h),
+// with MATTERHORN_CPU_CAPABILITY naming it: everything here lives in an inline namespace of that
+// name, so that the linker never mixes up two builds of one function.
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -16,20 +18,33 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
-namespace matterhorn::ops::cpu {
+#ifndef MATTERHORN_CPU_CAPABILITY
+#error "compile the CPU kernels with MATTERHORN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 (see CMakeLists.txt)"
+#endif
 
-template <typename T, std::size_t bytes = 64>
+namespace matterhorn::ops::cpu {
+inline namespace MATTERHORN_CPU_CAPABILITY {
+
+#if defined(__AVX512F__)
+constexpr std::size_t kVectorBytes = 64;
+#elif defined(__AVX2__)
+constexpr std::size_t kVectorBytes = 32;
+#else
+constexpr std::size_t kVectorBytes = 16;
+#endif
+
+template <typename T, std::size_t bytes = kVectorBytes>
 struct Vector {
   using type [[gnu::vector_size(bytes)]] = T;
 };
 template <typename acc_t>
 using Vec = typename Vector<acc_t>::type;
 template <typename acc_t>
-constexpr int64_t kLanes = 64 / sizeof(acc_t);
+constexpr int64_t kLanes = kVectorBytes / sizeof(acc_t);
 
 // Values in a T: 1 for a scalar, kLanes for a Vec.
 template <typename T>
@@ -49,7 +64,7 @@ inline Vec<acc_t> load(const scalar_t* p) {
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
     std::memcpy(&v, p, sizeof v);
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    typename Vector<uint16_t, 32>::type half;  // a bfloat16 is the top half of a float32
+    typename Vector<uint16_t, kVectorBytes / 2>::type half;  // a bfloat16 is the top half of a float32
     std::memcpy(&half, p, sizeof half);
     const auto bits = __builtin_convertvector(half, typename Vector<uint32_t>::type) << 16;
     std::memcpy(&v, &bits, sizeof v);
@@ -59,9 +74,15 @@ inline Vec<acc_t> load(const scalar_t* p) {
     std::memcpy(&half, p, sizeof half);
     const __m512 wide = _mm512_cvtph_ps(half);
     std::memcpy(&v, &wide, sizeof v);
+#elif defined(__AVX2__) && defined(__F16C__)
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    __m128i half;
+    std::memcpy(&half, p, sizeof half);
+    const __m256 wide = _mm256_cvtph_ps(half);
+    std::memcpy(&v, &wide, sizeof v);
 #elif defined(__FLT16_MAX__)  // the compiler has _Float16 (arm64: one instruction per register)
   } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
-    typename Vector<_Float16, 32>::type half;
+    typename Vector<_Float16, kVectorBytes / 2>::type half;
     std::memcpy(&half, p, sizeof half);
     v = __builtin_convertvector(half, Vec<float>);
 #endif
@@ -83,7 +104,7 @@ inline void store(scalar_t* p, const Vec<acc_t>& v) {
     Bits rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
     const Bits nan = reinterpret_cast<Bits>(v != v);  // all ones where NaN
     rounded = (rounded & ~nan) | (0x7FC0u & nan);
-    const auto half = __builtin_convertvector(rounded, typename Vector<uint16_t, 32>::type);
+    const auto half = __builtin_convertvector(rounded, typename Vector<uint16_t, kVectorBytes / 2>::type);
     std::memcpy(p, &half, sizeof half);
 #if defined(__AVX512F__)
   } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
@@ -91,9 +112,15 @@ inline void store(scalar_t* p, const Vec<acc_t>& v) {
     std::memcpy(&wide, &v, sizeof wide);
     const __m256i half = _mm512_cvtps_ph(wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     std::memcpy(p, &half, sizeof half);
+#elif defined(__AVX2__) && defined(__F16C__)
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    __m256 wide;
+    std::memcpy(&wide, &v, sizeof wide);
+    const __m128i half = _mm256_cvtps_ph(wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    std::memcpy(p, &half, sizeof half);
 #elif defined(__FLT16_MAX__)
   } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
-    const auto half = __builtin_convertvector(v, typename Vector<_Float16, 32>::type);
+    const auto half = __builtin_convertvector(v, typename Vector<_Float16, kVectorBytes / 2>::type);
     std::memcpy(p, &half, sizeof half);
 #endif
   } else {
@@ -142,7 +169,7 @@ inline void add_to(acc_t* p, const T& v) {
 }
 
 // The sum of a vector's lanes: halves added until one lane is left.
-template <typename T, std::size_t bytes = 64>
+template <typename T, std::size_t bytes = kVectorBytes>
 inline T sum_lanes(const typename Vector<T, bytes>::type& v) {
   if constexpr (bytes == sizeof(T)) {
     return v[0];
@@ -200,4 +227,5 @@ inline std::array<acc_t, 2> mean_and_m2(const scalar_t* x, int64_t n) {
   return {mean, m2};
 }
 
+}  // namespace MATTERHORN_CPU_CAPABILITY
 }  // namespace matterhorn::ops::cpu
