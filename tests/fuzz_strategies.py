@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 # ---- budget -------------------------------------------------------------------------------------
 # "ci": bounded and reproducible (derandomize: the same examples every run). "long": selected by
 # MATTERHORN_FUZZ=long, fresh random examples each run (see docs/TESTING.md).
-_COMMON = dict(deadline=None, print_blob=True,
+_COMMON = dict(deadline=None, print_blob=True, database=None,  # nothing written to the tree
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       HealthCheck.filter_too_much])
 settings.register_profile("ci", max_examples=int(os.environ.get("MATTERHORN_FUZZ_EXAMPLES", "30")),
