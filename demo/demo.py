@@ -178,7 +178,7 @@ def evaluate(net, spikes: torch.Tensor, labels: torch.Tensor):
 
 @torch.no_grad()
 def layer_spikes(net: DigitsSNN, spikes: torch.Tensor):
-    """The spike trains entering and leaving each LIF layer: [(name, [T, B, ...])]."""
+    """The input spike train and each LIF layer's output: [(name, [T, B, ...])]."""
     net.eval()
     trains, x, block = [("input", spikes)], spikes, 0
     for layer in net.features:
@@ -281,9 +281,11 @@ def export(net: DigitsSNN, example: torch.Tensor, out: Path, aoti: bool):
     if aoti:
         start = time.perf_counter()
         batch = torch.export.Dim("B", min=1, max=4096)
-        exported = torch.export.export(net, (example,), dynamic_shapes=({1: batch},))
-        paths["AOTInductor"] = Path(torch._inductor.aoti_compile_and_package(
-            exported, package_path=str(out / "digits.pt2")))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch 2.13's export warns about its own pytree use
+            exported = torch.export.export(net, (example,), dynamic_shapes=({1: batch},))
+            paths["AOTInductor"] = Path(torch._inductor.aoti_compile_and_package(
+                exported, package_path=str(out / "digits.pt2")))
         print(f"AOTInductor: {paths['AOTInductor']} (export + compile {time.perf_counter() - start:.1f} s)")
     return paths
 
