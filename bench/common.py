@@ -55,7 +55,11 @@ def cpu_name() -> str:
 
 
 def machine() -> str:
-    return f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    import matterhorn_pytorch as mth
+
+    # the builds of the CPU kernels that ran, ours and torch's (ATEN_CPU_CAPABILITY lowers both)
+    return (f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU kernels: ours "
+            f"{mth._C.cpu_capability()}, torch {torch.backends.cpu.get_cpu_capability()}")
 
 
 def print_table(title: str, rows: List[dict], unit: str = "ms") -> None:

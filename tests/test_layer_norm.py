@@ -216,9 +216,11 @@ class TestErrors:
         with pytest.raises(ValueError, match=r"layer_norm_normalize: expected weight of shape \[6\], got \[5\]"):
             ops.layer_norm_normalize(torch.randn(2, 6), [6], torch.randn(5), None, 1e-5)
 
-    def test_building_block_with_a_zero_normalized_size(self):
-        with pytest.raises(ValueError, match=r"layer_norm_normalize: expected an input \[\.\.\., 0\] with sizes >= 1"):
-            ops.layer_norm_normalize(torch.randn(2, 0), [0], None, None, 1e-5)
+    def test_building_block_with_a_zero_normalized_size_is_empty_as_in_torch(self):
+        x = torch.randn(2, 0)
+        y, mean, rstd = ops.layer_norm_normalize(x, [0], None, None, 1e-5)
+        assert y.shape == torch.nn.functional.layer_norm(x, [0]).shape == (2, 0)
+        assert mean.shape == rstd.shape == (2,) and mean.isnan().all()  # statistics of no values
 
     def test_backward_with_statistics_of_the_wrong_shape(self):
         with pytest.raises(ValueError, match=r"layer_norm_backward: expected mean of shape \[3\]"):

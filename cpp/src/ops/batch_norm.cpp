@@ -162,8 +162,10 @@ void check_batch_norm_arguments(
     for (int64_t d = 0; d < input.dim(); ++d) {
       if (d != channel_dim && d != per_step_dim) count = count * input.sym_size(d);
     }
+    // (no time steps at all: nothing is normalized, as in a loop of no torch.nn calls)
+    const bool no_steps = per_step_dim >= 0 && input.sym_size(per_step_dim) == 0;
     TORCH_CHECK_VALUE(
-        count != 1, layer, ": expected more than 1 value per channel", per_step && multi_step ? " and time step" : "",
+        count != 1 || no_steps, layer, ": expected more than 1 value per channel", per_step && multi_step ? " and time step" : "",
         training ? " in training" : " without running statistics", "; got input ", input.sym_sizes());
   }
 }
@@ -208,12 +210,18 @@ void check_companion(
       t.sym_numel() == values, op, ": ", name, " must hold ", what, " = ", values, " values, got ", t.sym_sizes());
 }
 
+// [groups, C], or [C] with one group
 void check_block_statistic(const char* op, const at::Tensor& input, const at::Tensor& t, const char* name, int64_t groups) {
   check_companion(op, input, t, name, input.sym_size(1) * groups, "groups x channels");
+  TORCH_CHECK_VALUE(
+      (t.dim() == 2 && t.sym_size(0) == groups) || (t.dim() == 1 && groups == 1), op, ": ", name,
+      " must be [groups, C] = [", groups, ", ", input.sym_size(1), "], got ", t.sym_sizes());
 }
 
 void check_block_parameter(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& t, const char* name) {
-  if (t.has_value() && t->defined()) check_companion(op, input, *t, name, input.sym_size(1), "channels");
+  if (!t.has_value() || !t->defined()) return;
+  check_companion(op, input, *t, name, input.sym_size(1), "channels");
+  TORCH_CHECK_VALUE(t->dim() == 1, op, ": ", name, " must be [C], got ", t->sym_sizes());
 }
 
 void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& input) {

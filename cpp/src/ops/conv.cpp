@@ -109,8 +109,15 @@ void check_conv_arguments(
   }
 
   // Spatial sizes: the kernel must fit the (padded) input; a transposed conv must produce output.
+  c10::SymInt batch = 1;  // T*B or B
+  for (const auto d : c10::irange(input.dim() - dims - 1)) batch = batch * input.sym_size(d);
   for (const auto d : c10::irange(dims)) {
     const c10::SymInt size = input.sym_size(input.dim() - dims + d);
+    // as torch.nn: a spatial size of 0 only beside an empty batch (or no channels), and padded by zeros
+    TORCH_CHECK_VALUE(
+        size != 0 || (spec.padding_mode == "zeros" && (batch == 0 || in_channels == 0)), name,
+        ": spatial size 0 in dimension ", d, " is accepted only with T, B or C of 0",
+        spec.padding_mode == "zeros" ? "" : " and padding_mode='zeros'", "; got input ", user_shape(input, dims));
     const c10::SymInt before = padding_before(spec, d, dims);
     const c10::SymInt after = padding_after(spec, d, dims);
     const c10::SymInt kernel_extent = spec.dilation[d] * (weight.sym_size(2 + d) - 1) + 1;

@@ -24,6 +24,9 @@ void check_layer_norm_arguments(
     const at::Tensor& input, c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias) {
   const auto dims = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(input.scalar_type()), "LayerNorm: expected a floating-point input, got ",
+      detail::dtype_name(input.scalar_type()));
   bool matches = input.dim() >= dims + 1;
   for (const auto d : c10::irange(dims)) {
     matches = matches && input.sym_size(input.dim() - dims + d) == normalized_shape[d];
@@ -72,13 +75,16 @@ void check_layer_norm_block(
     const char* op, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
   const auto dims = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(input.scalar_type()), op, ": expected a floating-point input, got ",
+      dtype_name(input.scalar_type()));
   TORCH_CHECK_VALUE(
       dims >= 1 && input.dim() >= dims, op, ": expected an input [..., ", trailing_sizes(normalized_shape),
       "], got ", input.sym_sizes());
   for (const auto d : c10::irange(dims)) {
     TORCH_CHECK_VALUE(
-        normalized_shape[d] >= 1 && input.sym_size(input.dim() - dims + d) == normalized_shape[d], op,
-        ": expected an input [..., ", trailing_sizes(normalized_shape), "] with sizes >= 1, got ", input.sym_sizes());
+        input.sym_size(input.dim() - dims + d) == normalized_shape[d], op, ": expected an input [..., ",
+        trailing_sizes(normalized_shape), "], got ", input.sym_sizes());
   }
   for (const auto& [param, name] : {std::pair{weight, "weight"}, std::pair{bias, "bias"}}) {
     if (param.has_value() && param->defined()) {
@@ -88,6 +94,10 @@ void check_layer_norm_block(
       check_norm_parameter_dtype_and_device(op, input, *param, name);
     }
   }
+  const bool both = weight.has_value() && weight->defined() && bias.has_value() && bias->defined();
+  TORCH_CHECK_TYPE(
+      !both || weight->scalar_type() == bias->scalar_type(), op, ": weight and bias must share a dtype, got ",
+      dtype_name(weight->scalar_type()), " and ", dtype_name(bias->scalar_type()));
 }
 
 void check_layer_norm_backward_block(

@@ -170,6 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_cpu(
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor mean = at::empty(stats_shape, stats_options), rstd = at::empty(stats_shape, stats_options);
   const int64_t N = mean.numel(), D = N == 0 ? 1 : x.numel() / N;
+  if (x.numel() == 0) {  // no rows, or rows of no values (whose statistics are NaN)
+    return {y, mean.fill_(NAN), rstd.fill_(NAN)};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_normalize", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t, acc_t>(
@@ -190,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   at::Tensor dw = w.defined() ? at::zeros_like(w) : at::empty({0}, x.options());
   at::Tensor db = w.defined() ? at::zeros_like(w) : at::empty({0}, x.options());
   const int64_t N = m.numel(), D = N == 0 ? 1 : x.numel() / N;
-  if (N > 0) {
+  if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       backward_kernel<scalar_t, acc_t>(
