@@ -1,5 +1,6 @@
-// Builds the network of net.py with matterhorn's C++ API, loads the weights Python saved
-// (torch.save(model.state_dict())), and runs a spike train saved with torch.save.
+// Builds the network of net.py with matterhorn's C++ API, loads the weights Python saved with
+// mth.save_state_dict (torch.save of a plain {name: tensor} dict), and runs a spike train saved
+// with torch.save.
 //
 //   snn_inference WEIGHTS.pt INPUT.pt OUTPUT.pt
 #include <fstream>
