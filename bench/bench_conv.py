@@ -1,6 +1,7 @@
 """Convolutions: mth.snn layers against torch.nn on the folded tensor, forward+backward.
 
-The cases of ../shared/ANCHORS.md with B scaled down to fit a 2-core CPU.
+The convolution cases of bench/bench_gpu.py, cut down (B of 4 or 1, fewer steps or pixels) to fit a
+2-core CPU.
 
     .venv/bin/python bench/bench_conv.py [--quick]
 """
@@ -31,7 +32,7 @@ def conv_case(label, name, kwargs, shape):
     ours = getattr(mth.snn, name)(**kwargs)
     fold = getattr(nn, name)(**kwargs)
     fold.load_state_dict(ours.state_dict())
-    spikes = (torch.rand(shape) < 0.15).float()  # 15% density, as in ANCHORS.md
+    spikes = (torch.rand(shape) < 0.15).float()  # spikes at 15% density
     x_ours, x_fold = spikes.clone().requires_grad_(), spikes.clone().requires_grad_()
     return Case(f"{label} fwd+bwd", training_step(ours, ours, x_ours), training_step(fold, folded(fold), x_fold))
 

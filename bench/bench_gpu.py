@@ -1,7 +1,8 @@
-"""GPU benchmark: the cases of ../shared/ANCHORS.md, ours against torch's fold in the same run on
+"""GPU benchmark: SNN layers at typical sizes, ours against torch's fold in the same run on
 the same card, forward+backward, CUDA events, median of 30 after warm-up. For the normalizations
 the share of the memory floor (8 passes over the tensor for BatchNorm, 5 for LayerNorm) from a
-device-copy bandwidth measured in the same run; each row says whether the issue's goal is met.
+device-copy bandwidth measured in the same run; each row says whether its goal is met (ours / fold
+at most 1.05 for synapses; at least 80% of the floor for BatchNorm).
 Before the table: our BatchNorm training step kernel by kernel (profiler), each pass's bandwidth.
 
     python bench/bench_gpu.py            (run by scripts/gpu_check.sh)
@@ -134,7 +135,7 @@ def goal_text(case, ratio, share):
 
 
 def case_input(case, twin, device, smoke):
-    """The case's input: spikes at 15% density for synapses (as in ANCHORS.md), normal values for
+    """The case's input: spikes at 15% density for synapses, normal values for
     normalizations; in the case's layout."""
     shape = smoke_shape(case.shape, twin) if smoke else case.shape
     x = torch.randn(shape, device=device, dtype=case.dtype) if case.passes else \

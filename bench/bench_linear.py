@@ -19,7 +19,7 @@ def linear_cases(shape, in_features, out_features, label):
     ours = mth.snn.Linear(in_features, out_features)
     fold = nn.Linear(in_features, out_features)
     fold.load_state_dict(ours.state_dict())
-    spikes = (torch.rand(*shape, in_features) < 0.15).float()  # 15% density, as in ANCHORS.md
+    spikes = (torch.rand(*shape, in_features) < 0.15).float()  # spikes at 15% density
     x_ours = spikes.clone().requires_grad_()
     x_fold = spikes.clone().requires_grad_()
 

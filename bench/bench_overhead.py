@@ -1,7 +1,6 @@
 """Per-call cost: every layer on a tiny input, where the time is the call itself (Python, the
 dispatcher, autograd), not arithmetic; ours against torch.nn on the folded tensor, one thread.
-Small layers at small batches are where this decides the speed (ANCHORS.md: the published
-layers lose 1.5x to the fold there).
+Small layers at small batches are where this decides the speed.
 
     .venv/bin/python bench/bench_overhead.py [--quick]
 """
