@@ -1,8 +1,8 @@
 """GPU benchmark: SNN layers at typical sizes, ours against torch's fold in the same run on
 the same card, forward+backward, CUDA events, median of 30 after warm-up. For the normalizations
 the share of the memory floor (8 passes over the tensor for BatchNorm, 5 for LayerNorm) from a
-device-copy bandwidth measured in the same run; each row says whether its goal is met (ours / fold
-at most 1.05 for synapses; at least 80% of the floor for BatchNorm).
+device-copy bandwidth measured in the same run; each row says whether its goals are met (the
+case's max_ratio of ours / fold, min_floor_share of the floor).
 Before the table: our BatchNorm training step kernel by kernel (profiler), each pass's bandwidth.
 
     python bench/bench_gpu.py            (run by scripts/gpu_check.sh)
