@@ -1,7 +1,7 @@
 """Normalization: mth.snn.BatchNorm2d / LayerNorm against torch.nn on the folded tensor,
-forward+backward in training. The cases of ../shared/ANCHORS.md with B scaled down to fit a
-2-core CPU, contiguous (NCHW) and channels_last. The share of the memory floor as ANCHORS.md counts
-it (a training step moves the tensor 8 times for BatchNorm, 5 for LayerNorm), timed as
+forward+backward in training. The normalization cases of bench/bench_gpu.py, cut down (T=4, B=4
+or 16) to fit a 2-core CPU, contiguous (NCHW) and channels_last. The share of the memory floor (a training
+step moves the tensor at least 8 times for BatchNorm, 5 for LayerNorm), timed as
 `copy_` of a tensor of the same size into an existing one (2 tensor-sizes moved) in the same run.
 
     .venv/bin/python bench/bench_norm.py [--quick]

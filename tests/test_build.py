@@ -42,7 +42,7 @@ def needed_libraries(path):
 
 def test_cpu_kernels_share_torchs_openmp_runtime():
     # at::parallel_for is an inline `omp parallel` in torch's OpenMP builds: a library built without
-    # OpenMP runs its kernels on one thread (ours did until the fifth session)
+    # OpenMP runs its kernels on one thread, whatever torch.set_num_threads says
     torch_lib = pathlib.Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     ours = pathlib.Path(mth._C.__file__).parent / "lib" / "libmatterhorn.so"  # beside _C, also when editable
     torch_openmp = [name for name in needed_libraries(torch_lib) if "omp" in name]

@@ -143,7 +143,7 @@ def test_running_statistics_match_the_cpu_kernel(emulated, momentum, dtype):
 
 
 def test_the_grid_fills_the_card_on_the_anchor_cases(emulated):
-    """The plans for ANCHORS.md's 1 GiB case on an H200 (132 SMs): several waves of blocks, each
+    """The plans for bench/bench_gpu.py's 1 GiB BatchNorm case on an H200 (132 SMs): several waves of blocks, each
     thread streaming many 16-byte vectors, grid dimensions within the hardware's limits."""
     for shape, channels_last in [((256, 64, 128, 128), False), ((256, 64, 128, 128), True), ((256, 128, 32, 32), False)]:
         x = torch.empty(shape, device="meta")
@@ -167,7 +167,7 @@ def test_huge_row_counts_stay_within_the_grid(emulated):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last,misaligned", [(False, False), (True, False), (False, True)])
 def test_a_training_step_moves_the_tensor_eight_times_in_16_byte_vectors(emulated, channels_last, misaligned, dtype):
-    """The 8-pass floor of ANCHORS.md, by design: statistics read x; normalize reads x, writes y;
+    """The 8-pass floor of a BatchNorm training step, by design: statistics read x; normalize reads x, writes y;
     the backward reduction reads dy and x; the input gradient reads dy and x, writes dx. Each
     access is one 16-byte vector, unless the input's start is not 16-byte aligned."""
     shape = (4, 8, 16, 16)

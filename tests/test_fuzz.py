@@ -1,4 +1,4 @@
-"""The fuzzer (issue 13): each property of tests/test_fuzz_cases.py runs in its own child process,
+"""The fuzzer: each property of tests/test_fuzz_cases.py runs in its own child process,
 so that a crash (SIGSEGV, SIGFPE, abort) fails that test instead of killing the run, with the
 case that crashed printed. Budget: the "ci" Hypothesis profile (bounded, derandomized); the long
 run is `MATTERHORN_FUZZ=long .venv/bin/python -m pytest tests/test_fuzz.py` (docs/TESTING.md)."""

@@ -56,8 +56,8 @@ def doubling_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("tensor, record", [
-    (torch.randn(100, 100), b""),                       # empty record: was a segfault
-    (torch.randn(100, 100), b"\0" * 8),                 # short record: was garbage and exit 0
+    (torch.randn(100, 100), b""),                       # empty record: nothing to read
+    (torch.randn(100, 100), b"\0" * 8),                 # short record: fewer bytes than the tensor
     (torch.randn(100, 100)[60:], b"\0" * (4 * 100 * 70)),  # a view whose offset lies past the record's end
     (torch.randn(3, 4).t(), b"\0" * 44),               # strided: the last element is missing
 ])
@@ -147,7 +147,7 @@ def test_load_state_dict_loads_a_good_file(snn_inference, tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected)
 
 
-@pytest.mark.parametrize("record", [b"", b"\0" * 12])  # empty: was a segfault; short: was NaN output
+@pytest.mark.parametrize("record", [b"", b"\0" * 12])  # an empty record and one shorter than fc.weight
 def test_load_state_dict_refuses_a_short_record_naming_key_and_file(snn_inference, tmp_path, record):
     weights = torch.load(snn_inference[1] / "weights.pt")
     index = list(weights).index("fc.weight")  # torch.save numbers the storages in the dict's order
