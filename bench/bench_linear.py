@@ -1,6 +1,8 @@
 """Linear: mth.snn.Linear against torch.nn.Linear on the folded tensor (what SpikingJelly does).
 
     .venv/bin/python bench/bench_linear.py [--quick]
+
+``--quick`` is a smoke run of the script: one short round per case, on T=2 B=1.
 """
 
 import os
@@ -13,9 +15,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import matterhorn_pytorch as mth  # noqa: E402
 from common import Case, folded, main, training_step  # noqa: E402
 
+QUICK = "--quick" in sys.argv[1:]
 
-def linear_cases(shape, in_features, out_features, label):
+
+def linear_cases(shape, in_features, out_features, tokens=""):
+    if QUICK:
+        shape = (2, 1) + tuple(shape[2:])
     torch.manual_seed(0)
+    label = f"Linear {in_features}->{out_features}, T={shape[0]} B={shape[1]}{tokens}"
     ours = mth.snn.Linear(in_features, out_features)
     fold = nn.Linear(in_features, out_features)
     fold.load_state_dict(ours.state_dict())
@@ -36,5 +43,4 @@ def linear_cases(shape, in_features, out_features, label):
 
 
 if __name__ == "__main__":
-    main("Linear, CPU", linear_cases((4, 8), 256, 256, "Linear 256->256, T=4 B=8")
-         + linear_cases((4, 64, 64), 384, 1536, "Linear 384->1536, T=4 B=64 N=64"))
+    main("Linear, CPU", linear_cases((4, 8), 256, 256) + linear_cases((4, 64, 64), 384, 1536, " N=64"))
