@@ -7,7 +7,7 @@
 // at once. No `#pragma omp simd`: built with -fopenmp (which at::parallel_for needs), GCC 12
 // compiles such reductions far slower than these loops.
 //
-// Every kernel file that includes this is compiled once per CPU capability (see cpu/capability.h),
+// Every kernel file that includes this is compiled once per CPU capability (see cpu/dispatch.h),
 // with MATTERHORN_CPU_CAPABILITY naming it: everything here lives in an inline namespace of that
 // name, so that the linker never mixes up two builds of one function.
 #include <array>
