@@ -5,7 +5,6 @@
 //   snn_inference WEIGHTS.pt INPUT.pt OUTPUT.pt
 #include <fstream>
 #include <iostream>
-#include <iterator>
 #include <vector>
 
 #include <matterhorn/matterhorn.h>
@@ -29,11 +28,6 @@ struct NetImpl : torch::nn::Module {
 };
 TORCH_MODULE(Net);
 
-static std::vector<char> read_file(const char* path) {
-  std::ifstream stream(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(stream), std::istreambuf_iterator<char>()};
-}
-
 int main(int argc, char** argv) {
   if (argc != 4) {
     std::cerr << "usage: " << argv[0] << " WEIGHTS.pt INPUT.pt OUTPUT.pt\n";
@@ -43,14 +37,17 @@ int main(int argc, char** argv) {
     Net net;
     matterhorn::load_state_dict(*net, argv[1]);
     net->eval();
-    const at::Tensor spikes = torch::jit::pickle_load(read_file(argv[2])).toTensor();
+    const at::Tensor spikes = matterhorn::load_tensor(argv[2]);  // its record checked before it is read
     at::Tensor output;
     {
       c10::InferenceMode inference;
       output = net->forward(spikes);
     }
     const std::vector<char> bytes = torch::jit::pickle_save(output);
-    std::ofstream(argv[3], std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    std::ofstream stream(argv[3], std::ios::binary | std::ios::trunc);
+    stream.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    stream.close();
+    TORCH_CHECK(!stream.fail(), "cannot write '", argv[3], "'");
     std::cout << "matterhorn " << matterhorn::version() << ": " << spikes.sizes() << " -> " << output.sizes() << "\n";
   } catch (const std::exception& error) {
     std::cerr << "snn_inference: " << error.what() << "\n";

@@ -10,17 +10,30 @@
 
 namespace matterhorn::ops::cpu {
 
+namespace {
+
+// The builds in this library (CMake's MATTERHORN_CPU_CAPABILITIES): a capability that was not
+// built falls back to the next lower one.
+#if defined(MATTERHORN_CPU_HAS_AVX2)
+constexpr Capability kAVX2 = Capability::AVX2;
+#else
+constexpr Capability kAVX2 = Capability::DEFAULT;
+#endif
+#if defined(MATTERHORN_CPU_HAS_AVX512)
+constexpr Capability kAVX512 = Capability::AVX512;
+#else
+constexpr Capability kAVX512 = kAVX2;
+#endif
+
+}  // namespace
+
 Capability kernel_capability() {
   static const Capability chosen = [] {
-#if defined(MATTERHORN_CPU_X86_CAPABILITIES)
     // ATen's choice: the CPU's features, lowered by ATEN_CPU_CAPABILITY
     const std::string aten = at::get_cpu_capability();
-    if (aten == "AVX512") return Capability::AVX512;
-    if (aten == "AVX2") return Capability::AVX2;
+    if (aten == "AVX512") return kAVX512;
+    if (aten == "AVX2") return kAVX2;
     return Capability::DEFAULT;
-#else
-    return Capability::DEFAULT;
-#endif
   }();
   return chosen;
 }
@@ -48,12 +61,6 @@ const Table& chosen_table() {
   }();
   return table;
 }
-
-#if defined(MATTERHORN_CPU_X86_CAPABILITIES)
-constexpr Capability kAVX2 = Capability::AVX2, kAVX512 = Capability::AVX512;
-#else  // only the baseline build exists
-constexpr Capability kAVX2 = Capability::DEFAULT, kAVX512 = Capability::DEFAULT;
-#endif
 
 const BatchNormKernels& batch_norm() {
   return chosen_table<BatchNormKernels, &batch_norm_kernels<Capability::DEFAULT>, &batch_norm_kernels<kAVX2>,
