@@ -3,6 +3,7 @@
 #include "ops/conv.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/convolution.h>
 #include <ATen/ops/pad.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
@@ -212,6 +213,48 @@ at::Tensor unfold_output(const at::Tensor& output, const FoldedConv& folded) {
   return folded.time_batch.has_value() ? output.unflatten_symint(0, *folded.time_batch) : output;
 }
 
+namespace {
+
+at::Tensor run_conv(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const ConvSpec& spec) {
+  check_conv_arguments(input, weight, bias, spec);
+  const FoldedConv folded = fold_and_pad(input, weight, spec);
+  return unfold_output(
+      at::convolution_symint(folded.input, weight, bias, spec.stride, folded.padding, spec.dilation,
+                             spec.transposed, folded.output_padding, spec.groups),
+      folded);
+}
+
+}  // namespace
+
+at::Tensor conv_kernel(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation,
+    c10::SymInt groups, c10::string_view padding_mode) {
+  ConvSpec spec;
+  spec.stride = stride;
+  spec.padding = padding;
+  spec.dilation = dilation;
+  spec.groups = std::move(groups);
+  spec.padding_mode = padding_mode;
+  return run_conv(input, weight, bias, spec);
+}
+
+at::Tensor conv_transpose_kernel(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef output_padding,
+    c10::SymInt groups, c10::SymIntArrayRef dilation, at::OptionalSymIntArrayRef output_size) {
+  ConvSpec spec;
+  spec.transposed = true;
+  spec.stride = stride;
+  spec.padding = padding;
+  spec.output_padding = output_padding;
+  spec.output_size = output_size;
+  spec.groups = std::move(groups);
+  spec.dilation = dilation;
+  return run_conv(input, weight, bias, spec);
+}
+
 }  // namespace detail
 
 at::Tensor conv(
@@ -273,4 +316,20 @@ TORCH_LIBRARY_FRAGMENT(matterhorn, m) {
       "conv_transpose(Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, "
       "SymInt[] padding, SymInt[] output_padding, SymInt groups, SymInt[] dilation, "
       "SymInt[]? output_size=None) -> Tensor");
+}
+
+// One kernel for every backend (CompositeExplicitAutograd: CPU, CUDA, Meta) and for Autograd. It
+// is made of ATen views and at::convolution, which carry their own derivatives and device guards:
+// called above autograd it records torch's own graph (ConvolutionBackward0: cuDNN / oneDNN
+// backward, double backward, forward AD), the graph of torch.nn on the folded tensor, while the
+// op stays one node for torch.compile and torch.export. A custom autograd::Function cost about
+// 10 us more per step for the same arithmetic.
+TORCH_LIBRARY_IMPL(matterhorn, CompositeExplicitAutograd, m) {
+  m.impl("conv", &matterhorn::ops::detail::conv_kernel);
+  m.impl("conv_transpose", &matterhorn::ops::detail::conv_transpose_kernel);
+}
+
+TORCH_LIBRARY_IMPL(matterhorn, Autograd, m) {
+  m.impl("conv", &matterhorn::ops::detail::conv_kernel);
+  m.impl("conv_transpose", &matterhorn::ops::detail::conv_transpose_kernel);
 }

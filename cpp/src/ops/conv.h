@@ -8,7 +8,6 @@
 #include <string_view>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/convolution.h>
 #include <c10/core/SymIntArrayRef.h>
 
 #include "ops/checks.h"
@@ -48,61 +47,14 @@ FoldedConv fold_and_pad(const at::Tensor& input, const at::Tensor& weight, const
 // Unfolds at::convolution's output back to [T, B, C, ...] when the input was multi-step.
 at::Tensor unfold_output(const at::Tensor& output, const FoldedConv& folded);
 
-// How a kernel convolves the folded tensor: at::convolution (CPU, Meta, Autograd), or with a
-// device guard first (CUDA). Both share the signature of at::convolution_symint.
-using Convolve = at::Tensor (*)(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation,
-    bool transposed, c10::SymIntArrayRef output_padding, c10::SymInt groups);
-
-inline at::Tensor aten_convolution(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation,
-    bool transposed, c10::SymIntArrayRef output_padding, c10::SymInt groups) {
-  return at::convolution_symint(
-      input, weight, bias, stride, padding, dilation, transposed, output_padding, std::move(groups));
-}
-
-inline at::Tensor run_conv(
-    Convolve convolve, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const ConvSpec& spec) {
-  check_conv_arguments(input, weight, bias, spec);
-  const FoldedConv folded = fold_and_pad(input, weight, spec);
-  return unfold_output(
-      convolve(folded.input, weight, bias, spec.stride, folded.padding, spec.dilation,
-               spec.transposed, folded.output_padding, spec.groups),
-      folded);
-}
-
-// Kernels with the ops' schemas, parameterised by how they convolve.
-template <Convolve convolve>
+// The kernels, with the ops' schemas: checks, fold, pad, one at::convolution, unfold.
 at::Tensor conv_kernel(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation,
-    c10::SymInt groups, c10::string_view padding_mode) {
-  ConvSpec spec;
-  spec.stride = stride;
-  spec.padding = padding;
-  spec.dilation = dilation;
-  spec.groups = std::move(groups);
-  spec.padding_mode = padding_mode;
-  return run_conv(convolve, input, weight, bias, spec);
-}
-
-template <Convolve convolve>
+    c10::SymInt groups, c10::string_view padding_mode);
 at::Tensor conv_transpose_kernel(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef output_padding,
-    c10::SymInt groups, c10::SymIntArrayRef dilation, at::OptionalSymIntArrayRef output_size) {
-  ConvSpec spec;
-  spec.transposed = true;
-  spec.stride = stride;
-  spec.padding = padding;
-  spec.output_padding = output_padding;
-  spec.output_size = output_size;
-  spec.groups = std::move(groups);
-  spec.dilation = dilation;
-  return run_conv(convolve, input, weight, bias, spec);
-}
+    c10::SymInt groups, c10::SymIntArrayRef dilation, at::OptionalSymIntArrayRef output_size);
 
 }  // namespace matterhorn::ops::detail

@@ -74,3 +74,16 @@ at::Tensor linear(
 TORCH_LIBRARY_FRAGMENT(matterhorn, m) {
   m.def("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
 }
+
+// One kernel for every backend (CompositeExplicitAutograd: CPU, CUDA; Meta has its own, shapes
+// only) and for Autograd. It is made of ATen views and addmm / mm, which carry their own
+// derivatives and device guards: called above autograd it records torch's own graph
+// (AddmmBackward0: double backward, forward AD), that of torch.nn.Linear on the folded tensor,
+// while the op stays one node for torch.compile and torch.export.
+TORCH_LIBRARY_IMPL(matterhorn, CompositeExplicitAutograd, m) {
+  m.impl("linear", &matterhorn::ops::detail::checked_linear);
+}
+
+TORCH_LIBRARY_IMPL(matterhorn, Autograd, m) {
+  m.impl("linear", &matterhorn::ops::detail::checked_linear);
+}

@@ -19,8 +19,7 @@ c10::SymDimVector linear_output_sizes(const at::Tensor& input, const at::Tensor&
 at::Tensor linear_folded(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
-// Checks, then linear_folded: the CPU kernel, and the Autograd one, where the ATen ops record
-// their own derivatives (the graph torch.nn.Linear records on the folded tensor).
+// Checks, then linear_folded: the op's kernel on every backend and above autograd (linear.cpp).
 inline at::Tensor checked_linear(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_linear_arguments(input, weight, bias);

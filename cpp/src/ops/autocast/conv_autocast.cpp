@@ -9,8 +9,8 @@ namespace {
 using namespace matterhorn::ops::detail;
 constexpr char kConv[] = "matterhorn::conv";
 constexpr char kConvTranspose[] = "matterhorn::conv_transpose";
-using ConvSignature = decltype(conv_kernel<&aten_convolution>);
-using ConvTransposeSignature = decltype(conv_transpose_kernel<&aten_convolution>);
+using ConvSignature = decltype(conv_kernel);
+using ConvTransposeSignature = decltype(conv_transpose_kernel);
 
 }  // namespace
 
