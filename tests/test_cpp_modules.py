@@ -26,11 +26,11 @@ def test_cpp_linear_matches_python_linear(bias, shape):
 
 
 def test_cpp_linear_initialisation_and_repr():
-    cpp_layer = mth._C.Linear(100, 30, multi_time_step=False)
+    cpp_layer = mth._C.Linear(100, 30)
     weight = from_dlpack(cpp_layer.named_parameters()["weight"])
     assert weight.shape == (30, 100)
     assert 0.9 * 0.1 < weight.abs().max() <= 0.1  # U(-1/sqrt(in), 1/sqrt(in)), as torch.nn
-    assert repr(cpp_layer) == "matterhorn::snn::Linear(in_features=100, out_features=30, bias=true, step_mode='s')"
+    assert repr(cpp_layer) == "matterhorn::snn::Linear(in_features=100, out_features=30, bias=true)"
 
 
 def test_cpp_linear_errors_keep_their_python_types():
@@ -74,7 +74,7 @@ def test_cpp_conv_transpose_output_size_and_initialisation():
 def test_cpp_conv_repr_and_constructor_errors():
     assert repr(mth._C.Conv2d(3, 8, [3], padding="same", padding_mode="circular")) == (
         "matterhorn::snn::Conv2d(3, 8, kernel_size=[3, 3], stride=[1, 1], padding=same, dilation=[1, 1], "
-        "groups=1, bias=true, padding_mode=circular, step_mode='m')")
+        "groups=1, bias=true, padding_mode=circular)")
     with pytest.raises(ValueError, match=r"Conv2d: in_channels and out_channels must be divisible by groups"):
         mth._C.Conv2d(3, 8, [3], groups=2)
     with pytest.raises(ValueError, match=r"ConvTranspose3d: stride must be >= 1, got \[1, 0, 1\]"):

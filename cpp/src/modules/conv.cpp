@@ -95,10 +95,7 @@ void ConvImpl<D>::pretty_print(std::ostream& stream) const {
   }
   stream << ", dilation=" << options.dilation() << ", groups=" << options.groups()
          << ", bias=" << std::boolalpha << options.bias()
-         << ", padding_mode=" << padding_mode_name(options.padding_mode())
-         << ", step_mode=" << options.step_mode();
-  if (options.batch_first()) stream << ", batch_first=true";
-  stream << ")";
+         << ", padding_mode=" << padding_mode_name(options.padding_mode()) << ")";
 }
 
 template <size_t D>
@@ -141,10 +138,7 @@ void ConvTransposeImpl<D>::pretty_print(std::ostream& stream) const {
          << options.out_channels() << ", kernel_size=" << options.kernel_size()
          << ", stride=" << options.stride() << ", padding=" << options.padding()
          << ", output_padding=" << options.output_padding() << ", groups=" << options.groups()
-         << ", bias=" << std::boolalpha << options.bias() << ", dilation=" << options.dilation()
-         << ", step_mode=" << options.step_mode();
-  if (options.batch_first()) stream << ", batch_first=true";
-  stream << ")";
+         << ", bias=" << std::boolalpha << options.bias() << ", dilation=" << options.dilation() << ")";
 }
 
 template <size_t D>

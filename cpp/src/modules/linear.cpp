@@ -30,9 +30,7 @@ void LinearImpl::reset_parameters() {
 void LinearImpl::pretty_print(std::ostream& stream) const {
   stream << "matterhorn::snn::Linear(in_features=" << options.in_features()
          << ", out_features=" << options.out_features() << ", bias=" << std::boolalpha
-         << options.bias() << ", step_mode=" << options.step_mode();
-  if (options.batch_first()) stream << ", batch_first=true";
-  stream << ")";
+         << options.bias() << ")";
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& input) {

@@ -86,8 +86,7 @@ void LayerNormImpl::reset() {
 
 void LayerNormImpl::pretty_print(std::ostream& stream) const {
   stream << "matterhorn::snn::LayerNorm(" << c10::IntArrayRef(options.normalized_shape()) << ", eps=" << options.eps()
-         << ", elementwise_affine=" << std::boolalpha << options.elementwise_affine()
-         << ", step_mode=" << options.step_mode() << ")";
+         << ", elementwise_affine=" << std::boolalpha << options.elementwise_affine() << ")";
 }
 
 at::Tensor LayerNormImpl::forward(const at::Tensor& input) {

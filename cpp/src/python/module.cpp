@@ -79,11 +79,10 @@ void bind_conv(py::module_& m, const char* name) {
   cls.def(
       py::init([](int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
                   const std::vector<int64_t>& stride, const std::variant<std::string, std::vector<int64_t>>& padding,
-                  const std::vector<int64_t>& dilation, int64_t groups, bool bias, const std::string& mode,
-                  bool multi_time_step, bool batch_first) {
+                  const std::vector<int64_t>& dilation, int64_t groups, bool bias, const std::string& mode) {
         snn::ConvOptions<D> options(in_channels, out_channels, sizes<D>(kernel_size));
         options.stride(sizes<D>(stride)).dilation(sizes<D>(dilation)).groups(groups).bias(bias);
-        options.padding_mode(padding_mode(mode)).step_mode(step_mode(multi_time_step)).batch_first(batch_first);
+        options.padding_mode(padding_mode(mode));
         if (const auto* text = std::get_if<std::string>(&padding)) {
           if (*text == "same") {
             options.padding(torch::kSame);
@@ -100,8 +99,7 @@ void bind_conv(py::module_& m, const char* name) {
       py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
       py::arg("stride") = std::vector<int64_t>{1}, py::arg("padding") = std::vector<int64_t>{0},
       py::arg("dilation") = std::vector<int64_t>{1}, py::arg("groups") = 1, py::arg("bias") = true,
-      py::arg("padding_mode") = "zeros", py::kw_only(), py::arg("multi_time_step") = true,
-      py::arg("batch_first") = false);
+      py::arg("padding_mode") = "zeros");
   bind_module_tensors<Holder>(cls);
 }
 
@@ -112,18 +110,16 @@ void bind_conv_transpose(py::module_& m, const char* name) {
       py::init([](int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
                   const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                   const std::vector<int64_t>& output_padding, int64_t groups, bool bias,
-                  const std::vector<int64_t>& dilation, bool multi_time_step, bool batch_first) {
+                  const std::vector<int64_t>& dilation) {
         snn::ConvTransposeOptions<D> options(in_channels, out_channels, sizes<D>(kernel_size));
         options.stride(sizes<D>(stride)).padding(sizes<D>(padding)).output_padding(sizes<D>(output_padding));
         options.groups(groups).bias(bias).dilation(sizes<D>(dilation));
-        options.step_mode(step_mode(multi_time_step)).batch_first(batch_first);
         return Holder(options);
       }),
       py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
       py::arg("stride") = std::vector<int64_t>{1}, py::arg("padding") = std::vector<int64_t>{0},
       py::arg("output_padding") = std::vector<int64_t>{0}, py::arg("groups") = 1,
-      py::arg("bias") = true, py::arg("dilation") = std::vector<int64_t>{1}, py::kw_only(),
-      py::arg("multi_time_step") = true, py::arg("batch_first") = false);
+      py::arg("bias") = true, py::arg("dilation") = std::vector<int64_t>{1});
   bind_module_tensors<Holder>(cls);
   cls.def("forward", [](Holder& self, const py::capsule& input, const std::vector<int64_t>& output_size) {
     return tensor_to_capsule(self->forward(tensor_from_capsule(input), output_size));
@@ -195,15 +191,10 @@ PYBIND11_MODULE(_C, m) {
 
   auto linear = py::class_<snn::Linear>(m, "Linear");
   linear.def(
-      py::init([](int64_t in_features, int64_t out_features, bool bias, bool multi_time_step,
-                  bool batch_first) {
-        return snn::Linear(snn::LinearOptions(in_features, out_features)
-                               .bias(bias)
-                               .step_mode(python::step_mode(multi_time_step))
-                               .batch_first(batch_first));
+      py::init([](int64_t in_features, int64_t out_features, bool bias) {
+        return snn::Linear(snn::LinearOptions(in_features, out_features).bias(bias));
       }),
-      py::arg("in_features"), py::arg("out_features"), py::arg("bias") = true, py::kw_only(),
-      py::arg("multi_time_step") = true, py::arg("batch_first") = false);
+      py::arg("in_features"), py::arg("out_features"), py::arg("bias") = true);
   python::bind_module_tensors<snn::Linear>(linear);
 
   python::bind_conv<snn::Conv1d, 1>(m, "Conv1d");
@@ -218,16 +209,11 @@ PYBIND11_MODULE(_C, m) {
   python::bind_batch_norm<snn::BatchNorm3d>(m, "BatchNorm3d");
   auto layer_norm = py::class_<snn::LayerNorm>(m, "LayerNorm");
   layer_norm.def(
-      py::init([](const std::vector<int64_t>& normalized_shape, double eps, bool elementwise_affine, bool bias,
-                  bool multi_time_step, bool batch_first) {
-        return snn::LayerNorm(snn::LayerNormOptions(normalized_shape)
-                                  .eps(eps)
-                                  .elementwise_affine(elementwise_affine)
-                                  .bias(bias)
-                                  .step_mode(python::step_mode(multi_time_step))
-                                  .batch_first(batch_first));
+      py::init([](const std::vector<int64_t>& normalized_shape, double eps, bool elementwise_affine, bool bias) {
+        return snn::LayerNorm(
+            snn::LayerNormOptions(normalized_shape).eps(eps).elementwise_affine(elementwise_affine).bias(bias));
       }),
       py::arg("normalized_shape"), py::arg("eps") = 1e-5, py::arg("elementwise_affine") = true,
-      py::arg("bias") = true, py::kw_only(), py::arg("multi_time_step") = true, py::arg("batch_first") = false);
+      py::arg("bias") = true);
   python::bind_module_tensors<snn::LayerNorm>(layer_norm);
 }

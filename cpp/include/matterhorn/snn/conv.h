@@ -18,7 +18,6 @@
 #include <torch/nn/options/conv.h>
 #include <torch/nn/pimpl.h>
 
-#include "matterhorn/snn/step_mode.h"
 
 namespace matterhorn::snn {
 
@@ -38,9 +37,6 @@ struct ConvOptions {
   TORCH_ARG(int64_t, groups) = 1;
   TORCH_ARG(bool, bias) = true;
   TORCH_ARG(padding_mode_t, padding_mode) = torch::kZeros;
-  // The rank tells the mode for convolutions; these are kept for printing and parity.
-  TORCH_ARG(StepMode, step_mode) = StepMode::kMulti;
-  TORCH_ARG(bool, batch_first) = false;
 };
 
 template <size_t D>
@@ -56,8 +52,6 @@ struct ConvTransposeOptions {
   TORCH_ARG(int64_t, groups) = 1;
   TORCH_ARG(bool, bias) = true;
   TORCH_ARG(torch::ExpandingArray<D>, dilation) = 1;
-  TORCH_ARG(StepMode, step_mode) = StepMode::kMulti;
-  TORCH_ARG(bool, batch_first) = false;
 };
 
 template <size_t D>

@@ -10,7 +10,6 @@
 #include <torch/nn/cloneable.h>
 #include <torch/nn/pimpl.h>
 
-#include "matterhorn/snn/step_mode.h"
 
 namespace matterhorn::snn {
 
@@ -20,9 +19,6 @@ struct C10_EXPORT LinearOptions {
   TORCH_ARG(int64_t, in_features);
   TORCH_ARG(int64_t, out_features);
   TORCH_ARG(bool, bias) = true;
-  // Linear computes the same in either mode; the mode is kept for printing and for parity.
-  TORCH_ARG(StepMode, step_mode) = StepMode::kMulti;
-  TORCH_ARG(bool, batch_first) = false;
 };
 
 class C10_EXPORT LinearImpl : public torch::nn::Cloneable<LinearImpl> {

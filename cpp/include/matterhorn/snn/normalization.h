@@ -56,8 +56,6 @@ struct LayerNormOptions {
   TORCH_ARG(double, eps) = 1e-5;
   TORCH_ARG(bool, elementwise_affine) = true;
   TORCH_ARG(bool, bias) = true;
-  TORCH_ARG(StepMode, step_mode) = StepMode::kMulti;  // the same result in both modes
-  TORCH_ARG(bool, batch_first) = false;
 };
 
 class C10_EXPORT LayerNormImpl : public torch::nn::Cloneable<LayerNormImpl> {
