@@ -90,8 +90,8 @@ step() {
   local name=$1 begin=$SECONDS status
   shift
   echo "=== $name"
-  "$@"
-  status=$?
+  "$@" 2>&1 | tee "$WORK/steps/$(( ${#RESULTS[@]} + 1 )).out"
+  status=${PIPESTATUS[0]}
   if (( status == 0 )); then RESULTS+=("PASS  $(printf '%5ds' $((SECONDS - begin)))  $name")
   else RESULTS+=("FAIL  $(printf '%5ds' $((SECONDS - begin)))  $name (exit $status)"); FAILED=1; fi
   return $status
@@ -120,20 +120,22 @@ build() {
   torch_prefix=$("$PYTHON" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)') || return 1
   "${EXAMPLE_CONFIGURE[@]}" "-DCMAKE_PREFIX_PATH=$torch_prefix;$PACKAGE/share/cmake" >/dev/null && "${EXAMPLE_BUILD[@]}"
 }
+rm -rf "$LOGS" "$WORK"
+mkdir -p "$LOGS" "$WORK/steps"
 if (( ! SKIP_BUILD )); then
   step "build (ASan+UBSan, -j$JOBS)" build || { printf '%s\n' "${RESULTS[@]}"; exit 1; }
 fi
 
 # ---- the sanitizers' run-time options ----
-rm -rf "$LOGS" "$WORK"
-mkdir -p "$LOGS" "$WORK"
 ASAN_LIB=$(gcc -print-file-name=libasan.so)
 UBSAN_LIB=$(gcc -print-file-name=libubsan.so)
-# Every process: a report goes to $LOGS/<asan|ubsan>.<pid> (also from children whose stderr a test
-# captures), ends the process with exit status 66, and the summary prints it. allocator_may_return_null:
+# Every process: a report ends it with exit status 66 and the summary prints it. ASan writes to
+# $LOGS/asan.<pid> (also from children whose stderr a test captures); GCC's UBSan ignores log_path and
+# writes to stderr, which every step keeps in $WORK/steps/ (pytest: --capture=sys, so that a report
+# from the pytest process itself is not lost in its fd capture). allocator_may_return_null:
 # an impossible allocation fails as it does without ASan (torch raises), not as an ASan abort.
 ASAN_COMMON="halt_on_error=1:exitcode=66:log_path=$LOGS/asan:allocator_may_return_null=1:check_initialization_order=1:strict_init_order=1:detect_stack_use_after_return=1:suppressions=$ROOT/scripts/sanitize-asan.supp"
-export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=66:log_path=$LOGS/ubsan:suppressions=$ROOT/scripts/sanitize-ubsan.supp"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=66:suppressions=$ROOT/scripts/sanitize-ubsan.supp"
 # The C++ programs: leaks checked at exit (LeakSanitizer).
 CPP_ASAN_OPTIONS="$ASAN_COMMON:detect_leaks=1"
 # Python: ASan's runtime must be loaded first, so it is preloaded; no leak check, because CPython and
@@ -154,8 +156,29 @@ EOF
 }
 step "the sanitized package is the one imported" check_package || { printf '%s\n' "${RESULTS[@]}"; exit 1; }
 
+# Positive controls: the library is instrumented, and a report under these options fails the process
+# (exit 66) and lands in the log directory (here a separate one, so they do not count as findings).
+controls() {
+  local control=$WORK/control status
+  mkdir -p "$control"
+  nm -D --undefined-only "$PACKAGE/lib/libmatterhorn.so" | grep -q __asan_report_load \
+    && nm -D --undefined-only "$PACKAGE/lib/libmatterhorn.so" | grep -q __ubsan_handle_ \
+    || { echo "libmatterhorn.so is not instrumented"; return 1; }
+  "${PY_ENV[@]}" "ASAN_OPTIONS=${PY_ASAN_OPTIONS//$LOGS/$control}" "$PYTHON" -c \
+    'import ctypes; c = ctypes.CDLL(None); c.malloc.restype = ctypes.c_void_p; c.memset(ctypes.c_void_p(c.malloc(8)), 0, 16)' 2>/dev/null
+  status=$?
+  grep -qs heap-buffer-overflow "$control"/asan.* && (( status == 66 )) || { echo "ASan control: exit $status, no report"; return 1; }
+  printf 'int main(int argc, char**) { volatile int zero = argc - 1; return 1 / zero; }\n' > "$control/ub.cpp"
+  g++ $SANITIZE_FLAGS -o "$control/ub" "$control/ub.cpp" || return 1
+  ASAN_OPTIONS=$CPP_ASAN_OPTIONS "$control/ub" 2> "$control/ubsan.out"
+  status=$?
+  grep -qs "runtime error: division by zero" "$control/ubsan.out" && (( status == 66 )) || { echo "UBSan control: exit $status, no report"; return 1; }
+  echo "instrumented; ASan and UBSan reports are caught (exit 66, logged)"
+}
+step "positive controls" controls
+
 pytest_run() {
-  "${PY_ENV[@]}" "$PYTHON" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning "$@"
+  "${PY_ENV[@]}" "$PYTHON" -m pytest -q -p no:cacheprovider --capture=sys -W ignore::DeprecationWarning "$@"
 }
 
 # ---- 2. C++ programs ----
@@ -199,6 +222,8 @@ def run(name, arguments, expect="any", timeout=300):
     crashed = result.returncode < 0 or result.returncode == 66 or new
     wrong = (expect == "ok" and result.returncode != 0) or (expect == "error" and result.returncode not in (1, 2))
     check(name, not crashed and not wrong, f"exit {result.returncode}" + (f", reports {new}" if new else "") + f" | {message}")
+    if crashed:
+        print(result.stderr[-4000:], flush=True)  # UBSan's report is on stderr
     return result
 
 
@@ -412,8 +437,11 @@ fi
 
 # ---- summary ----
 mapfile -t REPORTS < <(find "$LOGS" -type f | sort)
+mapfile -t UB < <(cat "$WORK"/steps/*.out 2>/dev/null | grep -a "runtime error:" | sort | uniq -c)
 echo
-echo "=== sanitizer reports: ${#REPORTS[@]}"
+echo "=== UBSan reports: ${#UB[@]}"
+(( ${#UB[@]} )) && printf '%s\n' "${UB[@]}" && echo "(stacks: grep -A12 'runtime error:' $WORK/steps/*.out)"
+echo "=== ASan/LSan reports: ${#REPORTS[@]}"
 for report in "${REPORTS[@]}"; do
   echo "--- $report"
   grep -m1 -E 'ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:' "$report"
@@ -422,8 +450,8 @@ done
 echo
 echo "=== summary ($(( (SECONDS - START) / 60 )) min $(( (SECONDS - START) % 60 )) s)"
 printf '%s\n' "${RESULTS[@]}"
-if (( FAILED || ${#REPORTS[@]} )); then
-  echo "NOT CLEAN: ${#REPORTS[@]} sanitizer report(s); failed steps above"
+if (( FAILED || ${#REPORTS[@]} || ${#UB[@]} )); then
+  echo "NOT CLEAN: ${#REPORTS[@]} ASan/LSan and ${#UB[@]} UBSan report(s); failed steps above"
   exit 1
 fi
 echo "CLEAN: no sanitizer report, every step passed"
