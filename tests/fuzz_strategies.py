@@ -134,7 +134,9 @@ def assert_close_bound(actual: torch.Tensor, expected: torch.Tensor, bound: torc
     """|actual - expected| <= bound elementwise (float64); NaN and inf exactly where expected has them."""
     assert actual.shape == expected.shape, f"{what}: shape {list(actual.shape)}, expected {list(expected.shape)}"
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    bound = bound.detach().double().cpu().expand_as(e)
+    # plus the float64 reference's own rounding, which a bound of exactly 0 (e.g. x - mean of one
+    # value) would not allow
+    bound = bound.detach().double().cpu().expand_as(e) + 1e-12
     special = ~torch.isfinite(e)
     assert torch.equal(torch.isnan(a), torch.isnan(e)), \
         f"{what}: NaN at {torch.nonzero(torch.isnan(a) != torch.isnan(e))[:5].tolist()} (actual {a.flatten()[:8].tolist()}, expected {e.flatten()[:8].tolist()})"

@@ -293,6 +293,9 @@ def test_conv_layers(data):
             (x.shape[-dims + d] - 1) * stride[d] - 2 * kwargs["padding"][d] + dilation[d] * (kernel[d] - 1) + 1
             + kwargs["output_padding"][d] <= 0 for d in range(dims)):
         wrong_rank = "an empty output (docs/API.md: 'the output would be empty')"
+    if transposed and wrong_rank is None and any(
+            o >= s and o >= d for o, s, d in zip(kwargs["output_padding"], stride, dilation)):
+        wrong_rank = "output_padding not smaller than stride or dilation (checked on empty inputs too)"
 
     class Call:  # ours with output_size, under check_layer's name
         training = ours.training
@@ -407,7 +410,7 @@ def test_batch_norm_layers(data):
         # statistics per (group, channel) on the time-major folded input [G, M, C, S]
         tm = (lambda t: time_major(t).flatten(0, 1)) if folds else (lambda t: t)
         xf = tm(x64.detach())
-        groups = time_major(x64).shape[0] if loop else 1
+        groups = max(1, time_major(x64).shape[0]) if loop else 1  # no steps: an empty input
         xg, mean, var, count = bn_statistics(xf, groups)
         if not batch_stats:
             mean = state_before["running_mean"].double().reshape(1, 1, C, 1)
@@ -453,6 +456,8 @@ def test_batch_norm_layers(data):
     reason = None if accepted else "a rank the layer does not take"
     if reason is None and x.shape[2 if folds else 1] != C:  # torch.nn without parameters would not notice
         reason = "channels unlike num_features"
+    if reason is None and loop and time_major(x).shape[0] == 0 and kwargs["eps"] <= 0:
+        reason = "eps <= 0 with batch statistics (refused even when no time step runs, docs/API.md)"
     check_layer(ours, ref_d, x, name=name, run_ref=run_ref, layer_dtype=layer_dtype, must_raise_reason=reason,
                 device=device, norm=True, compare=compare, folded=(lambda t: list(time_major(t).flatten(0, 1).shape)) if folds else None)
     if device == "meta" and training and kwargs["track_running_stats"]:
@@ -493,7 +498,7 @@ def test_layer_norm_layer(data):
         x64 = x.detach().double().requires_grad_()
         y64 = ref64(x64)
         u = u_of(dtype, layer_dtype)
-        rows = x64.detach().reshape(-1, D) if D else x64.detach().reshape(-1, 0)
+        rows = x64.detach().reshape(x64.numel() // D if D else math.prod(x.shape[:x.dim() - len(normalized)]), D)
         mean = rows.mean(-1, keepdim=True)
         var = ((rows - mean) ** 2).mean(-1, keepdim=True)
         w = ours.weight.detach().double().abs().reshape(1, -1) if ours.weight is not None else None
@@ -517,7 +522,7 @@ def test_layer_norm_layer(data):
                                                       + xhat * (dwyr * xhat).mean(-1, keepdim=True))
         assert_close_bound(x.grad.reshape(rows.shape), expected[0].reshape(rows.shape), dx_bound, "LayerNorm grad of input")
         n = rows.shape[0]
-        bounds = [4 * u * (n + 1) * (D + 1) * cond * (dyr * xhat).sum(0), 4 * u * (n + 1) * dyr.sum(0)]
+        bounds = [4 * u * (n + 1) * (D + 1) * (cond * dyr * xhat).sum(0), 4 * u * (n + 1) * dyr.sum(0)]
         grads = [g for g in (ours.weight, ours.bias) if g is not None]
         for what, p, e, bd in zip(["weight", "bias"], grads, expected[1:], bounds):
             assert p.grad is not None, f"LayerNorm: no gradient for the {what}"
@@ -639,7 +644,9 @@ def test_conv_ops(data):
         invalid = mode == "bogus" or len(stride) != dims or len(dilation) != dims
     # the op's contract, also where torch lets an empty input through
     invalid = invalid or min(stride + dilation) < 1 or min(padding, default=0) < 0 or groups < 1 or (
-        transposed and min(output_padding, default=0) < 0)
+        transposed and min(output_padding, default=0) < 0) or (  # torch.nn's rule, checked on empty inputs too
+        transposed and len(output_padding) == len(stride) == len(dilation) and
+        any(o >= s and o >= d for o, s, d in zip(output_padding, stride, dilation)))
     if transposed and not invalid and w.dim() == dims + 2:  # "the output would be empty" (docs/API.md)
         invalid = any((folded.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (w.shape[2 + d] - 1) + 1
                       + output_padding[d] <= 0 for d in range(dims))
@@ -1103,14 +1110,16 @@ def ln_param(data, normalized, dtype, seed, label):
 def ln_valid(x, normalized, params, dtype):
     n = len(normalized)
     reduced = dtype in (torch.float16, torch.bfloat16)
+    given = [p for p in params if p is not None]
     return (x.dim() >= n and list(x.shape[x.dim() - n:]) == list(normalized) and dtype.is_floating_point
-            and all(s >= 1 for s in normalized)
-            and all(p is None or (list(p.shape) == list(normalized)
-                                  and (p.dtype == dtype or (reduced and p.dtype == torch.float32))) for p in params))
+            and all(list(p.shape) == list(normalized) and (p.dtype == dtype or (reduced and p.dtype == torch.float32))
+                    for p in given)
+            and len({p.dtype for p in given}) <= 1)  # weight and bias share a dtype, as torch's layer_norm asks
 
 
 def ln_reference(x64, normalized):
-    rows = x64.reshape(-1, math.prod(normalized))
+    D = math.prod(normalized)
+    rows = x64.reshape(x64.numel() // D if D else math.prod(x64.shape[:x64.dim() - len(normalized)]), D)
     mean = rows.mean(-1, keepdim=True)
     var = ((rows - mean) ** 2).mean(-1, keepdim=True)
     return rows, mean, var
@@ -1133,7 +1142,7 @@ def test_layer_norm_ops(data):
         on_cpu = all(t is None or t.device.type == "cpu" for t in (x, w))
         valid = on_cpu and x.dim() > len(normalized) and not isinstance(
             outcome(lambda: F.layer_norm(x, normalized, w, b, eps)), Raised)
-    else:  # the building block: every normalized size >= 1 (ops/layer_norm.h)
+    else:  # the building block: normalized sizes of 0 included, as torch's layer_norm
         valid = ln_valid(x, normalized, (w, b), dtype)
 
     def compare(r):
@@ -1189,7 +1198,7 @@ def test_layer_norm_backward_op(data):
         assert dx.shape == x.shape and dx.dtype == x.dtype
         if dx.device.type == "meta":
             return
-        rows = x.double().reshape(-1, math.prod(normalized))
+        rows, _, _ = ln_reference(x.double(), normalized)
         m = mean_t.double().reshape(-1, 1)
         rstd = rstd_t.double().reshape(-1, 1)
         g = dy.double().reshape(rows.shape)

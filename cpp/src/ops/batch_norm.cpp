@@ -391,6 +391,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_normalize_composite(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     bool batch_statistics, double eps, int64_t groups) {
+  // checked here too: without batch statistics the building blocks run with one group
+  TORCH_CHECK_VALUE(
+      input.dim() >= 2 && groups >= 1 && input.sym_size(0) % groups == 0,
+      "batch_norm_normalize: expected a folded input [N, C, ...] and groups dividing N, got input ",
+      input.sym_sizes(), " and groups ", groups);
   return detail::normalize_forward(input, weight, bias, running_mean, running_var, batch_statistics, eps, groups);
 }
 

@@ -80,6 +80,12 @@ void check_conv_arguments(
   }
   if (spec.transposed) {
     check_sizes_argument(name, "output_padding", spec.output_padding, dims, 0);
+    for (const auto d : c10::irange(dims)) {  // torch.nn's rule
+      TORCH_CHECK_VALUE(
+          spec.output_padding[d] < spec.stride[d] || spec.output_padding[d] < spec.dilation[d], name,
+          ": output_padding must be smaller than stride or dilation in each spatial dimension; got output_padding ",
+          spec.output_padding, ", stride ", spec.stride, ", dilation ", spec.dilation);
+    }
   }
   TORCH_CHECK_VALUE(
       spec.padding_mode == "zeros" || (!spec.transposed && (spec.padding_mode == "reflect" ||
