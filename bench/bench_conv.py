@@ -5,7 +5,8 @@ The convolution cases of bench/bench_gpu.py, cut down (B of 4 or 1, fewer steps 
 
     .venv/bin/python bench/bench_conv.py [--quick]
 
-``--quick`` is a smoke run of the script: one short round per case, on T=2 B=1.
+``--quick`` is a smoke run of the script: one short round per case, on T=2 B=1, one thread (its
+times say nothing about speed).
 """
 
 import os
@@ -44,4 +45,6 @@ def conv_case(description, name, kwargs, shape):
 
 
 if __name__ == "__main__":
+    if QUICK:
+        torch.set_num_threads(1)
     main("Convolutions, CPU", [conv_case(*case) for case in CASES])

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_linear.py [--quick]
 
-``--quick`` is a smoke run of the script: one short round per case, on T=2 B=1.
+``--quick`` is a smoke run of the script: one short round per case, on T=2 B=1, one thread (its
+times say nothing about speed).
 """
 
 import os
@@ -43,4 +44,6 @@ def linear_cases(shape, in_features, out_features, tokens=""):
 
 
 if __name__ == "__main__":
+    if QUICK:
+        torch.set_num_threads(1)
     main("Linear, CPU", linear_cases((4, 8), 256, 256) + linear_cases((4, 64, 64), 384, 1536, " N=64"))

@@ -148,9 +148,9 @@ def test_a_broken_block_fails():
     assert run_block("bash", "sleep 30\n", timeout=1)[0] is None
     with tempfile.TemporaryDirectory() as scratch:
         marker = Path(scratch) / "alive"
-        status, _ = run_block("bash", f"(sleep 2; touch {marker}) &\ntrue\n")
+        status, _ = run_block("bash", f"(sleep 1; touch {marker}) &\ntrue\n")
         assert status == 0
-        time.sleep(3)
+        time.sleep(1.5)
         assert not marker.exists(), "a background process outlived its block"
 
 
