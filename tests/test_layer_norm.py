@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import matterhorn_pytorch as mth
+from samples import assert_within, rounding, sum_error
 
 ops = torch.ops.matterhorn
 
@@ -42,8 +43,8 @@ def test_layer_norm_equals_torch(shape, normalized_shape, affine, dtype):
     tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
     for a, b in zip(ours.parameters(), reference.parameters()):
         torch.testing.assert_close(a.grad, b.grad, **tolerance)
-    ours.single_step_mode_()
-    torch.testing.assert_close(ours(x), y)  # the same in both modes
+    ours.single_step_mode_()  # [B, ...] now: the same trailing-dimension normalization
+    torch.testing.assert_close(ours(x.detach()), y_ref.detach())
 
 
 def test_one_value_per_row_gives_the_bias_and_no_input_gradient():
@@ -72,23 +73,40 @@ def test_non_contiguous_input_and_gradient():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_accumulate_in_float32(dtype):
-    ours = mth.snn.LayerNorm(384, dtype=dtype)
+    # torch.nn in float64 on the same rounded values; ours accumulates in float32 and rounds each
+    # result once to dtype: an error of half a unit of dtype plus float32 sums over N = 384 values
+    # (mean, variance, the row sums of the backward) or 32 rows (the parameters' gradients)
+    N, rows = 384, 32
+    ours = mth.snn.LayerNorm(N, dtype=dtype)
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5)
         ours.bias.uniform_(-1, 1)
-    reference = nn.LayerNorm(384)  # float32 throughout, on the same rounded values
-    reference.load_state_dict({k: v.float() for k, v in ours.state_dict().items()})
-    x = (torch.randn(4, 8, 384) + 3).to(dtype).requires_grad_()
-    x_ref = x.detach().float().requires_grad_()
+    reference = nn.LayerNorm(N, dtype=torch.float64)
+    reference.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x = (torch.randn(4, 8, N) + 3).to(dtype).requires_grad_()
+    x_ref = x.detach().double().requires_grad_()
     y, y_ref = ours(x), reference(x_ref)
     assert y.dtype == dtype
-    torch.testing.assert_close(y.float(), y_ref, rtol=1e-2, atol=2e-2)
-    grad = torch.randn_like(y_ref)
-    y.backward(grad.to(dtype))
-    y_ref.backward(grad)
-    torch.testing.assert_close(x.grad.float(), x_ref.grad, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(ours.weight.grad.float(), reference.weight.grad, rtol=2e-2, atol=0.5)
-    _, mean, rstd = ops.layer_norm_normalize(x.detach(), [384], None, None, 1e-5)
+    w, b = reference.weight.detach(), reference.bias.detach()
+    rstd = (x_ref.var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt().detach()
+    xhat = ((x_ref - x_ref.mean(-1, keepdim=True)) * rstd).detach()
+    # a float32 mean is off by N eps times the values' magnitude, not the deviations'
+    shift = rstd * x_ref.detach().abs().mean(-1, keepdim=True)
+    assert_within(y, y_ref, rounding(dtype) * y_ref.abs() + sum_error(N) * ((xhat.abs() + shift) * w + b.abs()))
+
+    g = torch.randn(4, 8, N).to(dtype)
+    y.backward(g)
+    y_ref.backward(g.double())
+    gw = g.double() * w
+    xhat = xhat.abs() + shift
+    dx_terms = rstd * (gw.abs() + gw.abs().mean(-1, keepdim=True) + xhat * (gw * xhat).abs().mean(-1, keepdim=True))
+    assert_within(x.grad, x_ref.grad, rounding(dtype) * x_ref.grad.abs() + sum_error(N) * dx_terms)
+    dw_terms = (g.double().abs() * xhat).flatten(0, 1).sum(0)
+    assert_within(ours.weight.grad, reference.weight.grad,
+                  rounding(dtype) * reference.weight.grad.abs() + sum_error(rows) * dw_terms)
+    db_terms = g.double().abs().flatten(0, 1).sum(0)
+    assert_within(ours.bias.grad, reference.bias.grad, rounding(dtype) * reference.bias.grad.abs() + sum_error(rows) * db_terms)
+    _, mean, rstd = ops.layer_norm_normalize(x.detach(), [N], None, None, 1e-5)
     assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (4, 8)
 
 

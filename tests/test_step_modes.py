@@ -41,16 +41,19 @@ def test_reset_and_detach_return_the_module():
     assert layer.detach() is layer
 
 
-def test_linear_is_the_same_in_both_modes_and_with_batch_first():
+def test_linear_equals_torch_in_both_modes_and_with_batch_first():
     layer = mth.snn.Linear(5, 4)
+    reference = nn.Linear(5, 4)
+    reference.load_state_dict(layer.state_dict())
     x = torch.randn(3, 2, 5)
-    multi = layer(x)
+    expected = reference(x.flatten(0, 1)).unflatten(0, (3, 2))  # torch.nn on the folded tensor
+    torch.testing.assert_close(layer(x), expected)
     steps = torch.stack([layer.single_step_mode_()(x[t]) for t in range(3)])
-    torch.testing.assert_close(steps, multi)
+    torch.testing.assert_close(steps, expected)
     batch_first = mth.snn.Linear(5, 4, batch_first=True)
     batch_first.load_state_dict(layer.state_dict())
     assert "batch_first=True" in repr(batch_first)
-    torch.testing.assert_close(batch_first(x.transpose(0, 1)), multi.transpose(0, 1))
+    torch.testing.assert_close(batch_first(x.transpose(0, 1)), expected.transpose(0, 1))
 
 
 class CountingScale(mth.snn.Synapse):
