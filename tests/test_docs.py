@@ -26,14 +26,15 @@ RUN = {"bash": "shell", "sh": "shell", "python": "python"}
 NOT_RUN = {"text", "console", "cmake", "cpp", "json", "toml"}
 BLOCK_SECONDS = 240
 
-# Commands not run here, by design: each sets up the machine or runs a whole suite, which this
-# test is part of (or, for the GPU, needs a machine this one may not be). A block is skipped only
-# when every command in it is listed here.
+# Commands not run here, by design: each sets up the machine, runs a whole suite (which this test
+# is part of) or builds the library again (minutes), or needs a GPU. A block is skipped only when
+# every command in it matches one of these (at its start, after any VAR=value assignments).
 SKIPPED = {
-    "bash scripts/demo.sh": "the whole setup and the demo; this test runs after it (its parts: tests/test_demo.py)",
-    "bash scripts/test.sh": "the whole setup and test suite, this test included",
-    "bash scripts/gpu_check.sh": "needs a GPU; its parts run without one in tests/test_gpu_scripts.py",
-    "bash scripts/sanitize.sh": "a sanitizer build of the library and its own run of the suite",
+    r"bash scripts/demo\.sh\b": "the whole setup and the demo; this test runs after it (its parts: tests/test_demo.py)",
+    r"bash scripts/test\.sh\b": "the whole setup and test suite, this test included",
+    r"bash scripts/gpu_check\.sh\b": "needs a GPU; its parts run without one in tests/test_gpu_scripts.py",
+    r"bash scripts/sanitize\.sh\b": "a sanitizer build of the library (minutes) and its own run of the tests",
+    r"\.venv/bin/cmake (-S \. -B|--build|--install) build-sanitize\b": "the sanitizer build that scripts/sanitize.sh runs",
 }
 
 FENCE = re.compile(r"^```([A-Za-z0-9_+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
@@ -53,12 +54,18 @@ def commands(shell_text):
     return [line for line in lines if line and not line.startswith("#")]
 
 
+def skipped(command):
+    """The reason a command is skipped (options and leading VAR=value assignments aside), or None."""
+    command = re.sub(r"^([A-Za-z_][A-Za-z0-9_]*=\S*\s+)*", "", command)
+    return next((reason for pattern, reason in SKIPPED.items() if re.match(pattern, command)), None)
+
+
 def skip_reason(language, text):
     if RUN.get(language) != "shell":
         return None
-    listed = [SKIPPED.get(command) for command in commands(text)]
+    listed = [skipped(command) for command in commands(text)]
     if listed and all(listed):
-        return "; ".join(listed)
+        return "; ".join(dict.fromkeys(listed))
     assert not any(listed), f"a block mixes skipped and run commands: {commands(text)}"
     return None
 
@@ -157,6 +164,7 @@ def test_a_broken_block_fails():
 def test_skipped_commands_and_quick_benches():
     assert skip_reason("bash", "bash scripts/demo.sh    # setup\nbash scripts/test.sh\n") is not None
     assert skip_reason("bash", "bash scripts/setup.sh\n") is None
+    assert skip_reason("bash", "MATTERHORN_X=1 bash scripts/sanitize.sh --fast\n") is not None
     with pytest.raises(AssertionError):
         skip_reason("bash", "bash scripts/test.sh\nls\n")
     assert with_quick(".venv/bin/python bench/bench_conv.py    # note\n") == ".venv/bin/python bench/bench_conv.py --quick    # note\n"
