@@ -25,14 +25,20 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c 'import matterhorn_pytorch as m; print("gpu_check: using", m.__file__)'
 echo "gpu_check: built in $((SECONDS - start)) s"
 # every test, not -x: one run should show every failure
-timeout 240 "$PY" -m pytest -q -rf tests/test_cuda.py > "$OUT_DIR/cuda_tests.txt" 2>&1 || true
+# a failure still lets the benchmark run and print its table, then fails the script
+tests_status=0
+timeout 240 "$PY" -m pytest -q -rf tests/test_cuda.py > "$OUT_DIR/cuda_tests.txt" 2>&1 || tests_status=$?
 tail -n 25 "$OUT_DIR/cuda_tests.txt"
 if [ "${SANITIZE:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
     timeout 180 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -q -x tests/test_cuda.py \
       -k "write_every_element or per_step_batch_norm_2d" > "$OUT_DIR/$tool.txt" 2>&1 \
-      && echo "gpu_check: $tool clean" || { echo "gpu_check: $tool found something:"; tail -n 15 "$OUT_DIR/$tool.txt"; }
+      && echo "gpu_check: $tool clean" || { tests_status=1; echo "gpu_check: $tool found something:"; tail -n 15 "$OUT_DIR/$tool.txt"; }
   done
 fi
 timeout 240 "$PY" bench/bench_gpu.py 2>&1 | tee "$OUT_DIR/bench_gpu.txt"
 echo "gpu_check: done in $((SECONDS - start)) s"
+if [ "$tests_status" != 0 ]; then
+  echo "gpu_check: FAILED: the CUDA tests (exit status $tests_status), see $OUT_DIR/cuda_tests.txt"
+  exit 1
+fi

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -51,6 +53,30 @@ def test_the_gpu_check_script_parses_and_refuses_a_machine_without_a_gpu(tmp_pat
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
                             env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(tmp_path)})
     assert result.returncode != 0 and "no CUDA GPU" in result.stderr + result.stdout
+
+
+FAKE_PYTHON = """#!/bin/bash
+# stands in for a GPU machine's python: the build and imports succeed, pytest exits with
+# $FAKE_PYTEST_STATUS, the benchmark prints a table
+case "$1" in
+  -m) [ "$2" = pytest ] && { echo "tests ran"; exit "$FAKE_PYTEST_STATUS"; }; exit 0 ;;
+  bench/bench_gpu.py) echo "| the bench table |"; exit 0 ;;
+  *) echo fake; exit 0 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("pytest_status", [0, 1])
+def test_a_failing_cuda_test_fails_the_gpu_check_after_the_table(tmp_path, pytest_status):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "OUT": str(out),
+                                 "FAKE_PYTEST_STATUS": str(pytest_status)})
+    assert "| the bench table |" in result.stdout and "tests ran" in result.stdout
+    assert (result.returncode != 0) == (pytest_status != 0), result.stdout + result.stderr
 
 
 def test_the_cuda_tests_pass_on_the_cpu():
