@@ -93,3 +93,15 @@ def test_layer_in_a_sequential_with_torch_layers_and_a_python_neuron(name, tmp_p
     scripted.save(str(path))
     torch.testing.assert_close(torch.jit.load(str(path))(x), model(x))
     torch.testing.assert_close(run_model_in_cpp(path, x, tmp_path), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_an_input_on_another_device_than_the_layer_names_both(name):
+    # the meta device stands in for a second device on any machine
+    layer, step = example(name)
+    x = torch.randn(3, 4, *step)
+    with pytest.raises(ValueError, match=rf"^{name}: the input is on cpu but the layer's weight is on meta; "
+                                         rf"move one of them with \.to\(device\)"):
+        layer.to("meta")(x)
+    with pytest.raises(ValueError, match=rf"^{name}: the input is on meta but the layer's weight is on cpu"):
+        example(name)[0](x.to("meta"))

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import matterhorn_pytorch as mth
+from samples import assert_within, rounding, sum_error
 
 SHAPES = [(7,), (5, 7), (3, 5, 7), (3, 2, 4, 7), (2, 3, 2, 2, 7)]  # 1-D to 5-D, last = in_features
 
@@ -49,6 +50,30 @@ def test_empty_time_axis_gives_empty_output():
     ours, reference = twin_layers(True, torch.float32)
     x = torch.randn(0, 3, 7)
     assert ours(x).shape == reference(x).shape == (0, 3, 6)
+
+
+def test_cpu_autocast_bfloat16_equals_torch_linear_under_autocast():
+    # both cast to bfloat16 and run one GEMM accumulating in float32: they differ by the final
+    # rounding to bfloat16 and float32 sums over K = 64 (forward), 6 (dx) or T*B = 15 terms (dw)
+    ours, reference = mth.snn.Linear(64, 6), nn.Linear(64, 6)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = ours(x), reference(x_ref.flatten(0, 1)).unflatten(0, (3, 5))
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    xb, wb = x.detach().bfloat16().double(), ours.weight.detach().bfloat16().double()
+    half = rounding(torch.bfloat16)
+    assert_within(y, y_ref, half * y_ref.abs() + sum_error(64) * (xb.abs() @ wb.abs().T + ours.bias.detach().abs()))
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    g = grad.double().abs()
+    assert x.grad.dtype == torch.float32 and ours.weight.grad.dtype == torch.float32
+    assert_within(x.grad, x_ref.grad, half * x_ref.grad.abs() + sum_error(6) * (g @ wb.abs()))
+    assert_within(ours.weight.grad, reference.weight.grad,
+                  half * reference.weight.grad.abs() + sum_error(15) * (g.flatten(0, 1).T @ xb.abs().flatten(0, 1)))
+    assert_within(ours.bias.grad, reference.bias.grad, half * reference.bias.grad.abs() + sum_error(15) * g.sum((0, 1)))
 
 
 @pytest.mark.parametrize("bias", [True, False])
