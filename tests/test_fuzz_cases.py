@@ -296,6 +296,9 @@ def test_conv_layers(data):
     if transposed and wrong_rank is None and any(
             o >= s and o >= d for o, s, d in zip(kwargs["output_padding"], stride, dilation)):
         wrong_rank = "output_padding not smaller than stride or dilation (checked on empty inputs too)"
+    if wrong_rank is None and 0 in x.shape[-dims:] and math.prod(x.shape[:-dims]) > 0:
+        # torch.nn's CPU kernels refuse it (its meta kernels do not): every device refuses it here
+        wrong_rank = "a spatial size of 0 beside a non-empty batch and channels"
 
     class Call:  # ours with output_size, under check_layer's name
         training = ours.training
@@ -647,6 +650,8 @@ def test_conv_ops(data):
         transposed and min(output_padding, default=0) < 0) or (  # torch.nn's rule, checked on empty inputs too
         transposed and len(output_padding) == len(stride) == len(dilation) and
         any(o >= s and o >= d for o, s, d in zip(output_padding, stride, dilation)))
+    # a spatial size of 0 beside a batch and channels: torch.nn's convolutions refuse it (however padded)
+    invalid = invalid or (folded.dim() == dims + 2 and 0 in folded.shape[2:] and min(folded.shape[:2]) > 0)
     if transposed and not invalid and w.dim() == dims + 2:  # "the output would be empty" (docs/API.md)
         invalid = any((folded.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (w.shape[2 + d] - 1) + 1
                       + output_padding[d] <= 0 for d in range(dims))
@@ -886,6 +891,8 @@ def test_batch_norm_backward_elemt_op(data):
     either = False
     if valid and count < 1:  # no value to average over: an error, unless there is no value at all
         valid, either = x.numel() == 0, x.numel() == 0
+    if valid and count < per_group:  # count covers every process: at least this one's values (docs/API.md)
+        valid = False
 
     def compare(dx):
         assert dx.shape == x.shape and dx.dtype == x.dtype
@@ -1139,9 +1146,11 @@ def test_layer_norm_ops(data):
     record(f"torch.ops.matterhorn.{which}({describe(x)}, {normalized}, {describe(w)}, {describe(b)}, {eps})")
     result = outcome(lambda: getattr(ops, which)(x, normalized, w, b, eps))
     if which == "layer_norm":  # the layer's op: torch's verdict, with a leading dimension (docs/API.md)
-        on_cpu = all(t is None or t.device.type == "cpu" for t in (x, w))
-        valid = on_cpu and x.dim() > len(normalized) and not isinstance(
-            outcome(lambda: F.layer_norm(x, normalized, w, b, eps)), Raised)
+        one_device = len({t.device.type for t in (x, w, b) if t is not None}) == 1
+        # torch's verdict on CPU tensors of the same shapes and dtypes
+        on_cpu = [t if t is None or t.device.type == "cpu" else torch.zeros(t.shape, dtype=t.dtype) for t in (x, w, b)]
+        valid = one_device and x.dim() > len(normalized) and not isinstance(
+            outcome(lambda: F.layer_norm(on_cpu[0], normalized, on_cpu[1], on_cpu[2], eps)), Raised)
     else:  # the building block: normalized sizes of 0 included, as torch's layer_norm
         valid = ln_valid(x, normalized, (w, b), dtype)
 

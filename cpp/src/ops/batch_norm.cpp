@@ -294,9 +294,10 @@ void check_update_stats_arguments(
       ": expected running_mean and running_var [C], got ", running_mean.sym_sizes(), " and ",
       running_var.sym_sizes());
   TORCH_CHECK_VALUE(
-      mean.dim() == 2 && mean.sym_size(1) == running_mean.sym_size(0) && var.sym_sizes() == mean.sym_sizes(), op,
-      ": expected mean and var [G, C] with C = ", running_mean.sym_size(0), ", got ", mean.sym_sizes(), " and ",
-      var.sym_sizes());
+      mean.dim() == 2 && mean.sym_size(0) >= 1 && mean.sym_size(1) == running_mean.sym_size(0) &&
+          var.sym_sizes() == mean.sym_sizes(),
+      op, ": expected mean and var [G, C] with G >= 1 and C = ", running_mean.sym_size(0), ", got ", mean.sym_sizes(),
+      " and ", var.sym_sizes());
   for (const auto& [t, name] : {std::pair{&mean, "mean"}, {&var, "var"}, {&running_var, "running_var"}}) {
     TORCH_CHECK_VALUE(
         t->device() == running_mean.device(), op, ": ", name, " is on ", t->device(), " but running_mean is on ",
@@ -334,6 +335,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     bool batch_statistics, double eps, int64_t groups) {
+  // checked here as well: without batch statistics the building blocks run with one group
+  TORCH_CHECK_VALUE(
+      input.dim() >= 2 && groups >= 1 && input.sym_size(0) % groups == 0,
+      "batch_norm_normalize: expected a folded input [N, C, ...] and groups dividing N, got input ",
+      input.sym_sizes(), " and groups ", groups);
   if (batch_statistics) {
     auto [mean, var] = call_stats(input, groups);
     return {call_elemt(input, mean, var, weight, bias, eps, groups), mean, var};
@@ -391,11 +397,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_normalize_composite(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     bool batch_statistics, double eps, int64_t groups) {
-  // checked here too: without batch statistics the building blocks run with one group
-  TORCH_CHECK_VALUE(
-      input.dim() >= 2 && groups >= 1 && input.sym_size(0) % groups == 0,
-      "batch_norm_normalize: expected a folded input [N, C, ...] and groups dividing N, got input ",
-      input.sym_sizes(), " and groups ", groups);
   return detail::normalize_forward(input, weight, bias, running_mean, running_var, batch_statistics, eps, groups);
 }
 
