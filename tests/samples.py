@@ -19,6 +19,13 @@ def make(*shape, dtype=torch.float32, device="cpu", requires_grad=False, positiv
     return t.requires_grad_(requires_grad)
 
 
+def opcheck(op, args, aot=True):
+    """torch.library.opcheck; without aot, all but its test_aot_dispatch_dynamic (the schema, the
+    autograd registration, and the Meta kernel against the real one: cheap)."""
+    utils = None if aot else ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(op, args, **({} if utils is None else dict(test_utils=utils)))
+
+
 def rounding(dtype):
     """One unit in the last place of dtype at 1: rounding a result to dtype costs at most half of
     it (relative), and a result near a rounding midpoint may round the other way."""
@@ -41,3 +48,137 @@ def assert_within(actual, expected, bound, msg=""):
     assert error.numel() == 0 or excess.flatten()[worst] <= 0, (
         f"{msg} off by {error.flatten()[worst].item():.3g} where {(error - excess).flatten()[worst].item():.3g} "
         f"is allowed, at flat index {worst} of {tuple(error.shape)}")
+
+
+# ---- conv and conv_transpose ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConvSample:
+    """One convolution: the torch.nn class and its constructor's arguments, the spatial input
+    size and the leading dimensions ([T, B] or, one step, [B]). The layer tests build the layer
+    from it; the op tests call matterhorn::conv / conv_transpose with the arguments the layer
+    passes (or, with ``padding``, explicit (before, after) pairs that no constructor argument
+    gives) and compare with torch.nn on the folded tensor."""
+
+    name: str
+    kwargs: dict
+    size: tuple
+    leading: tuple = (2, 2)
+    dtype: torch.dtype = torch.float32
+    requires_grad: bool = True
+    padding: Optional[tuple] = None  # op only: (before, after) per spatial dimension
+    output_size: Optional[tuple] = None  # transposed: the spatial output size asked for
+    gradcheck: bool = False  # small enough for float64 gradcheck and gradgradcheck
+    aot: bool = False  # opcheck through AOTAutograd too (seconds a sample; every other check runs on all)
+
+    @property
+    def id(self):
+        options = "-".join(f"{k}={v}" for k, v in self.kwargs.items() if k not in ("in_channels", "out_channels"))
+        extras = [f"pad={list(self.padding)}"] if self.padding else []
+        extras += [f"output_size={list(self.output_size)}"] if self.output_size else []
+        extras += [str(self.dtype)[6:]] if self.dtype != torch.float32 else []
+        extras += ["no-grad"] if not self.requires_grad else []
+        return "-".join([self.name, options, "x".join(map(str, self.leading)), *extras])
+
+    @property
+    def transposed(self):
+        return self.name.startswith("ConvTranspose")
+
+    def module(self, dtype=None, device="cpu", **extras):
+        """Ours (mth.snn) or, with ours=False, torch.nn's layer; the op-only explicit padding is
+        applied by torch_reference, so the layer gets padding 0."""
+        import matterhorn_pytorch as mth
+        kwargs = dict(self.kwargs, padding=0) if self.padding else self.kwargs
+        ours = extras.pop("ours", True)
+        return getattr(mth.snn if ours else torch.nn, self.name)(**kwargs, dtype=dtype or self.dtype, device=device,
+                                                                 **extras)
+
+    def op_args(self, device="cpu", dtype=None, requires_grad=None):
+        """(op, args) for torch.ops.matterhorn with fresh random values."""
+        dtype, requires_grad = dtype or self.dtype, self.requires_grad if requires_grad is None else requires_grad
+        layer = self.module(dtype, device)
+        weight = layer.weight.detach().clone().requires_grad_(requires_grad)
+        bias = None if layer.bias is None else layer.bias.detach().clone().requires_grad_(requires_grad)
+        x = make(*self.leading, self.kwargs["in_channels"], *self.size, dtype=dtype, device=device,
+                 requires_grad=requires_grad)
+        if self.transposed:
+            output_size = list(self.output_size) if self.output_size else None
+            return torch.ops.matterhorn.conv_transpose.default, (
+                x, weight, bias, list(layer.stride), list(layer.padding), list(layer.output_padding), layer.groups,
+                list(layer.dilation), output_size)
+        padding = list(self.padding) if self.padding else layer.explicit_padding
+        return torch.ops.matterhorn.conv.default, (
+            x, weight, bias, list(layer.stride), padding, list(layer.dilation), layer.groups, layer.padding_mode)
+
+    def torch_reference(self, x, weight, bias):
+        """torch.nn's layer on the folded tensor, with these weights."""
+        layer = self.module(x.dtype, x.device, ours=False)
+        folded = x.flatten(0, 1) if x.dim() == len(self.size) + 3 else x
+        if self.padding:  # as torch.nn pads for a padding_mode: F.pad, last dimension first
+            pairs = [self.padding[2 * i:2 * i + 2] for i in reversed(range(len(self.size)))]
+            mode = self.kwargs.get("padding_mode", "zeros")
+            folded = torch.nn.functional.pad(folded, [p for pair in pairs for p in pair],
+                                             mode="constant" if mode == "zeros" else mode)
+        params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+        extra = {"output_size": list(self.output_size)} if self.output_size else {}
+        y = torch.func.functional_call(layer, params, (folded,), extra)
+        return y.unflatten(0, x.shape[:2]) if folded is not x else y
+
+
+def _conv(name, size, leading=(2, 2), **kwargs):
+    fields = {k: kwargs.pop(k) for k in ("dtype", "requires_grad", "padding_", "output_size", "gradcheck", "aot")
+              if k in kwargs}
+    if "padding_" in fields:
+        fields["padding"] = fields.pop("padding_")
+    return ConvSample(name, kwargs, size, leading, **fields)
+
+
+# every option of torch.nn, odd sizes, groups > 1, dilation > 1, stride > 1, 'same' with even
+# kernels, every padding_mode, asymmetric explicit padding, output_size, float64 and no gradients
+CONV_SAMPLES = [
+    _conv("Conv1d", (11,), in_channels=3, out_channels=4, kernel_size=3),
+    _conv("Conv1d", (13,), in_channels=2, out_channels=4, kernel_size=3, stride=2, padding=1, dilation=2),
+    _conv("Conv1d", (9,), in_channels=4, out_channels=6, kernel_size=4, padding="same", padding_mode="reflect", groups=2),
+    _conv("Conv1d", (7,), in_channels=3, out_channels=3, kernel_size=2, padding="valid", bias=False),
+    _conv("Conv1d", (9,), (3, 2), in_channels=4, out_channels=6, kernel_size=3, padding=1, aot=True),
+    _conv("Conv1d", (5,), (1, 2), in_channels=2, out_channels=2, kernel_size=3, padding=1, padding_mode="reflect",
+          gradcheck=True),
+    _conv("Conv2d", (7, 9), in_channels=3, out_channels=5, kernel_size=3, padding=1),
+    _conv("Conv2d", (7, 8), in_channels=4, out_channels=6, kernel_size=(2, 3), stride=(2, 1), padding=(1, 0),
+          dilation=(1, 2), groups=2, padding_mode="replicate"),
+    _conv("Conv2d", (9, 10), in_channels=2, out_channels=3, kernel_size=4, padding="same", dilation=2,
+          padding_mode="circular"),
+    _conv("Conv2d", (5, 6), in_channels=3, out_channels=2, kernel_size=3, padding=2, padding_mode="reflect", bias=False),
+    _conv("Conv2d", (5, 5), in_channels=2, out_channels=4, kernel_size=2, padding="same"),
+    _conv("Conv2d", (7, 8), (3, 2), in_channels=4, out_channels=4, kernel_size=(2, 3), stride=(2, 1), dilation=(1, 2),
+          groups=2, padding_mode="reflect", bias=False, padding_=(1, 2, 0, 1), aot=True),
+    _conv("Conv2d", (6, 5), (2,), in_channels=4, out_channels=3, kernel_size=3, padding=1, padding_mode="circular",
+          requires_grad=False, aot=True),
+    _conv("Conv2d", (4, 3), (1, 2), in_channels=2, out_channels=4, kernel_size=2, padding="same", groups=2, gradcheck=True),
+    _conv("Conv3d", (4, 5, 6), in_channels=2, out_channels=3, kernel_size=3, padding=1),
+    _conv("Conv3d", (3, 7, 5), in_channels=4, out_channels=2, kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1),
+          groups=2, padding_mode="circular"),
+    _conv("Conv3d", (3, 4, 5), in_channels=2, out_channels=2, kernel_size=2, padding="same", padding_mode="replicate"),
+    _conv("Conv3d", (3, 4, 5), in_channels=1, out_channels=2, kernel_size=2, padding="same", padding_mode="replicate",
+          bias=False, dtype=torch.float64, aot=True),
+    _conv("Conv3d", (2, 3, 2), (1, 2), in_channels=1, out_channels=2, kernel_size=2, padding=1, padding_mode="circular",
+          gradcheck=True),
+    _conv("ConvTranspose1d", (7,), in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1, output_padding=1),
+    _conv("ConvTranspose1d", (5,), in_channels=4, out_channels=2, kernel_size=4, groups=2, dilation=2, bias=False),
+    _conv("ConvTranspose1d", (5,), (3, 2), in_channels=4, out_channels=3, kernel_size=3, stride=2, padding=1,
+          output_padding=1, aot=True),
+    _conv("ConvTranspose1d", (3,), (1, 2), in_channels=2, out_channels=2, kernel_size=3, stride=2, output_padding=1,
+          gradcheck=True),
+    _conv("ConvTranspose2d", (5, 6), in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, output_padding=1,
+          groups=2),
+    _conv("ConvTranspose2d", (4, 5), in_channels=2, out_channels=3, kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1)),
+    _conv("ConvTranspose2d", (5, 6), in_channels=4, out_channels=4, kernel_size=3, stride=2, padding=1, groups=2,
+          output_size=(10, 12), aot=True),
+    _conv("ConvTranspose2d", (2, 3), (1, 2), in_channels=2, out_channels=2, kernel_size=2, stride=2, dilation=2, gradcheck=True),
+    _conv("ConvTranspose3d", (3, 4, 3), in_channels=2, out_channels=3, kernel_size=3, stride=2, padding=1,
+          output_padding=(1, 0, 1)),
+    _conv("ConvTranspose3d", (3, 3, 4), in_channels=4, out_channels=2, kernel_size=2, groups=2, bias=False),
+    _conv("ConvTranspose3d", (3, 3, 3), (2, 3), in_channels=2, out_channels=2, kernel_size=2, bias=False,
+          dtype=torch.float64, aot=True),
+    _conv("ConvTranspose3d", (2, 2, 2), (1, 2), in_channels=2, out_channels=2, kernel_size=2, groups=2, gradcheck=True),
+]

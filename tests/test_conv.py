@@ -8,36 +8,9 @@ import torch
 import torch.nn as nn
 
 import matterhorn_pytorch as mth
+from samples import CONV_SAMPLES, DEVICES, opcheck
 
-# (class name, constructor arguments, spatial input size): every option of torch.nn, odd sizes,
-# groups > 1, dilation > 1, stride > 1, 'same' with even kernels, every padding_mode.
-CONFIGS = [
-    ("Conv1d", dict(in_channels=3, out_channels=4, kernel_size=3), (11,)),
-    ("Conv1d", dict(in_channels=2, out_channels=4, kernel_size=3, stride=2, padding=1, dilation=2), (13,)),
-    ("Conv1d", dict(in_channels=4, out_channels=6, kernel_size=4, padding="same", padding_mode="reflect", groups=2), (9,)),
-    ("Conv1d", dict(in_channels=3, out_channels=3, kernel_size=2, padding="valid", bias=False), (7,)),
-    ("Conv2d", dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), (7, 9)),
-    ("Conv2d", dict(in_channels=4, out_channels=6, kernel_size=(2, 3), stride=(2, 1), padding=(1, 0),
-                    dilation=(1, 2), groups=2, padding_mode="replicate"), (7, 8)),
-    ("Conv2d", dict(in_channels=2, out_channels=3, kernel_size=4, padding="same", dilation=2, padding_mode="circular"), (9, 10)),
-    ("Conv2d", dict(in_channels=3, out_channels=2, kernel_size=3, padding=2, padding_mode="reflect", bias=False), (5, 6)),
-    ("Conv2d", dict(in_channels=2, out_channels=4, kernel_size=2, padding="same"), (5, 5)),
-    ("Conv3d", dict(in_channels=2, out_channels=3, kernel_size=3, padding=1), (4, 5, 6)),
-    ("Conv3d", dict(in_channels=4, out_channels=2, kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1),
-                    groups=2, padding_mode="circular"), (3, 7, 5)),
-    ("Conv3d", dict(in_channels=2, out_channels=2, kernel_size=2, padding="same", padding_mode="replicate"), (3, 4, 5)),
-    ("ConvTranspose1d", dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1, output_padding=1), (7,)),
-    ("ConvTranspose1d", dict(in_channels=4, out_channels=2, kernel_size=4, groups=2, dilation=2, bias=False), (5,)),
-    ("ConvTranspose2d", dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, output_padding=1, groups=2), (5, 6)),
-    ("ConvTranspose2d", dict(in_channels=2, out_channels=3, kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1)), (4, 5)),
-    ("ConvTranspose3d", dict(in_channels=2, out_channels=3, kernel_size=3, stride=2, padding=1, output_padding=(1, 0, 1)), (3, 4, 3)),
-    ("ConvTranspose3d", dict(in_channels=4, out_channels=2, kernel_size=2, groups=2, bias=False), (3, 3, 4)),
-]
-
-
-def config_id(config):
-    name, kwargs, size = config
-    return name + "-" + "-".join(f"{k}={v}" for k, v in kwargs.items() if k not in ("in_channels", "out_channels"))
+LAYER_SAMPLES = [s for s in CONV_SAMPLES if s.padding is None]  # explicit pairs: the op alone takes them
 
 
 def twins(name, kwargs, dtype, **extras):
@@ -57,29 +30,75 @@ def assert_same_gradients(ours, reference, x, x_ref, y, y_ref):
         torch.testing.assert_close(ours.bias.grad, reference.bias.grad)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("sample", LAYER_SAMPLES, ids=lambda s: s.id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["multi-step", "single-step", "batch_first"])
 @pytest.mark.parametrize("time_batch", [(3, 2), (1, 5)], ids=["T3B2", "T1B5"])
-def test_equals_torch_on_the_folded_tensor(config, dtype, layout, time_batch):
-    name, kwargs, size = config
+def test_equals_torch_on_the_folded_tensor(sample, dtype, layout, time_batch):
     T, B = time_batch
-    channels = kwargs["in_channels"]
-    ours, reference = twins(name, kwargs, dtype, batch_first=layout == "batch_first")
+    channels = sample.kwargs["in_channels"]
+    ours, reference = twins(sample.name, sample.kwargs, dtype, batch_first=layout == "batch_first")
+    extra = {"output_size": list(sample.output_size)} if sample.output_size else {}
     if layout == "single-step":
         ours.single_step_mode_()
-        x = torch.randn(B, channels, *size, dtype=dtype, requires_grad=True)
+        x = torch.randn(B, channels, *sample.size, dtype=dtype, requires_grad=True)
     elif layout == "batch_first":
-        x = torch.randn(B, T, channels, *size, dtype=dtype, requires_grad=True)
+        x = torch.randn(B, T, channels, *sample.size, dtype=dtype, requires_grad=True)
     else:
-        x = torch.randn(T, B, channels, *size, dtype=dtype, requires_grad=True)
+        x = torch.randn(T, B, channels, *sample.size, dtype=dtype, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
 
-    y = ours(x)
-    y_ref = reference(x_ref) if layout == "single-step" else reference(x_ref.flatten(0, 1)).unflatten(0, x.shape[:2])
+    y = ours(x, **extra)
+    y_ref = reference(x_ref, **extra) if layout == "single-step" else reference(x_ref.flatten(0, 1), **extra).unflatten(
+        0, x.shape[:2])
     torch.testing.assert_close(y, y_ref)
     assert y.is_contiguous()
     assert_same_gradients(ours, reference, x, x_ref, y, y_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sample", CONV_SAMPLES, ids=lambda s: s.id)
+def test_op_equals_torch_on_the_folded_tensor(sample, device):
+    op, args = sample.op_args(device)
+    inputs = [a for a in args[:3] if a is not None]
+    y, y_ref = op(*args), sample.torch_reference(*args[:3])
+    torch.testing.assert_close(y, y_ref)
+    if sample.requires_grad:
+        grad = torch.randn_like(y)
+        for ours, theirs in zip(torch.autograd.grad(y, inputs, grad), torch.autograd.grad(y_ref, inputs, grad)):
+            torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("sample", [s for s in CONV_SAMPLES if s.gradcheck], ids=lambda s: s.id)
+def test_gradcheck_gradgradcheck_and_forward_ad_float64(sample):
+    op, args = sample.op_args(dtype=torch.float64, requires_grad=True)
+    inputs = tuple(a for a in args[:3] if a is not None)
+
+    def run(*tensors):
+        return op(*tensors, *args[len(tensors):]) if len(tensors) == 3 else op(*tensors, None, *args[3:])
+
+    # forward mode too (torch.func.jvp): the graph is ATen's own convolution node
+    assert torch.autograd.gradcheck(run, inputs, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(run, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sample", CONV_SAMPLES, ids=lambda s: s.id)
+def test_opcheck(sample, device):
+    opcheck(*sample.op_args(device), aot=sample.aot)
+
+
+@pytest.mark.parametrize("name", ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"])
+@pytest.mark.parametrize("time_batch", [(0, 3), (2, 0)], ids=["T0", "B0"])
+def test_an_empty_time_or_batch_axis_gives_torch_nn_empty_output(name, time_batch):
+    sample = next(s for s in LAYER_SAMPLES if s.name == name)
+    ours, reference = twins(name, sample.kwargs, torch.float32)
+    x = torch.randn(*time_batch, sample.kwargs["in_channels"], *sample.size, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), reference(x_ref.flatten(0, 1)).unflatten(0, time_batch)
+    assert y.shape == y_ref.shape and y.numel() == 0
+    assert_same_gradients(ours, reference, x, x_ref, y, y_ref)
+    assert x.grad.shape == x.shape and not ours.weight.grad.any()
 
 
 @pytest.mark.parametrize("name", ["Conv2d", "ConvTranspose2d"])
@@ -101,58 +120,6 @@ def test_conv_transpose_output_size(output_size):
     with pytest.raises(ValueError, match=r"ConvTranspose2d: requested an output size of \[15, 11\], but valid sizes "
                                          r"range from \[13, 11\] to \[14, 12\] for input \[T, B, C, H, W\]"):
         ours(x, output_size=[15, 11])
-
-
-# ---- gradcheck and opcheck -------------------------------------------------------------------
-
-GRADCHECK_CASES = [
-    ("Conv1d", dict(in_channels=2, out_channels=2, kernel_size=3, padding=1, padding_mode="reflect"), (5,)),
-    ("Conv2d", dict(in_channels=2, out_channels=4, kernel_size=2, padding="same", groups=2), (4, 3)),
-    ("Conv3d", dict(in_channels=1, out_channels=2, kernel_size=2, padding=1, padding_mode="circular"), (2, 3, 2)),
-    ("ConvTranspose1d", dict(in_channels=2, out_channels=2, kernel_size=3, stride=2, output_padding=1), (3,)),
-    ("ConvTranspose2d", dict(in_channels=2, out_channels=2, kernel_size=2, stride=2, dilation=2), (2, 3)),
-    ("ConvTranspose3d", dict(in_channels=2, out_channels=2, kernel_size=2, groups=2), (2, 2, 2)),
-]
-
-
-@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: c[0])
-def test_gradcheck_gradgradcheck_and_forward_ad_float64(case):
-    name, kwargs, size = case
-    layer = getattr(mth.snn, name)(**kwargs, dtype=torch.float64)
-    x = torch.randn(2, 2, kwargs["in_channels"], *size, dtype=torch.float64, requires_grad=True)
-
-    def run(x, weight, bias):
-        return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))
-
-    inputs = (x, layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_())
-    # forward mode too (torch.func.jvp): the graph is ATen's own convolution node
-    assert torch.autograd.gradcheck(run, inputs, check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(run, inputs)
-
-
-def conv_sample_inputs():
-    def t(*shape, grad=True, dtype=torch.float32):
-        return torch.randn(*shape, dtype=dtype, requires_grad=grad)
-
-    conv = torch.ops.matterhorn.conv.default
-    conv_t = torch.ops.matterhorn.conv_transpose.default
-    return [
-        (conv, (t(3, 2, 4, 9), t(6, 4, 3), t(6), [1], [1], [1], 1, "zeros")),
-        (conv, (t(3, 2, 4, 7, 8), t(4, 2, 2, 3), None, [2, 1], [1, 2, 0, 1], [1, 2], 2, "reflect")),
-        (conv, (t(2, 4, 6, 5, grad=False), t(3, 4, 3, 3, grad=False), t(3, grad=False), [1, 1], [1, 1], [1, 1], 1, "circular")),
-        (conv, (t(2, 2, 1, 3, 4, 5, dtype=torch.float64), t(2, 1, 2, 2, 2, dtype=torch.float64), None,
-                [1, 1, 1], [0, 1, 0, 1, 0, 1], [1, 1, 1], 1, "replicate")),
-        (conv_t, (t(3, 2, 4, 5), t(4, 3, 3), t(3), [2], [1], [1], 1, [1], None)),
-        (conv_t, (t(2, 2, 4, 5, 6), t(4, 2, 3, 3), t(4), [2, 2], [1, 1], [0, 0], 2, [1, 1], [10, 12])),
-        (conv_t, (t(2, 3, 2, 3, 3, 3, dtype=torch.float64), t(2, 2, 2, 2, 2, dtype=torch.float64), None,
-                  [1, 1, 1], [0, 0, 0], [0, 0, 0], 1, [1, 1, 1], None)),
-    ]
-
-
-@pytest.mark.parametrize("sample", conv_sample_inputs(), ids=lambda s: None)
-def test_opcheck(sample):
-    op, args = sample
-    torch.library.opcheck(op, args)
 
 
 # ---- parameters -------------------------------------------------------------------------------
