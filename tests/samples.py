@@ -182,3 +182,52 @@ CONV_SAMPLES = [
           dtype=torch.float64, aot=True),
     _conv("ConvTranspose3d", (2, 2, 2), (1, 2), in_channels=2, out_channels=2, kernel_size=2, groups=2, gradcheck=True),
 ]
+
+
+# ---- linear -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LinearSample:
+    """One matterhorn::linear call: the input's shape (the last size is in_features), the
+    output features, and which of input, weight and bias need a gradient ("xwb")."""
+
+    shape: tuple
+    out_features: int
+    bias: bool = True
+    dtype: torch.dtype = torch.float32
+    grad: str = "xwb"
+    gradcheck: bool = False  # small enough for float64 gradcheck and gradgradcheck
+    aot: bool = False  # opcheck through AOTAutograd too
+
+    @property
+    def id(self):
+        extras = [str(self.dtype)[6:]] if self.dtype != torch.float32 else []
+        return "-".join([f"{'x'.join(map(str, self.shape))}to{self.out_features}", "bias" if self.bias else "no-bias",
+                         f"grad={self.grad or 'none'}", *extras])
+
+    def op_args(self, device="cpu", dtype=None, grad=None):
+        dtype, grad = dtype or self.dtype, self.grad if grad is None else grad
+        x = make(*self.shape, dtype=dtype, device=device, requires_grad="x" in grad)
+        w = make(self.out_features, self.shape[-1], dtype=dtype, device=device, requires_grad="w" in grad)
+        b = make(self.out_features, dtype=dtype, device=device, requires_grad="b" in grad) if self.bias else None
+        return torch.ops.matterhorn.linear.default, (x, w, b)
+
+    def torch_reference(self, x, weight, bias):
+        """torch.nn.Linear on the folded [N, in_features] tensor, with these parameters."""
+        layer = torch.nn.Linear(self.shape[-1], self.out_features, bias=bias is not None, device="meta")
+        params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+        y = torch.func.functional_call(layer, params, (x.reshape(-1, self.shape[-1]),))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+LINEAR_SAMPLES = [
+    *(LinearSample(shape, 6, bias) for shape in [(7,), (5, 7), (3, 5, 7), (3, 2, 4, 7), (2, 3, 2, 2, 7)]
+      for bias in (True, False)),  # 1-D to 5-D
+    LinearSample((4, 8, 16), 10, grad="", aot=True),
+    LinearSample((4, 8, 16), 10, aot=True),
+    LinearSample((8, 16), 10, bias=False, aot=True),
+    LinearSample((16,), 3, grad="xw", aot=True),
+    LinearSample((2, 3, 4, 5), 6, dtype=torch.float64, aot=True),
+    LinearSample((3, 2, 5), 4, gradcheck=True),
+    LinearSample((3, 2, 5), 4, bias=False, gradcheck=True),
+]

@@ -5,39 +5,65 @@ import torch
 import torch.nn as nn
 
 import matterhorn_pytorch as mth
-from samples import assert_within, rounding, sum_error
-
-SHAPES = [(7,), (5, 7), (3, 5, 7), (3, 2, 4, 7), (2, 3, 2, 2, 7)]  # 1-D to 5-D, last = in_features
+from samples import DEVICES, LINEAR_SAMPLES, assert_within, opcheck, rounding, sum_error
 
 
-def twin_layers(bias: bool, dtype: torch.dtype):
-    ours = mth.snn.Linear(7, 6, bias=bias, dtype=dtype)
-    reference = nn.Linear(7, 6, bias=bias, dtype=dtype)
+
+def twin_layers(bias: bool, dtype: torch.dtype, in_features=7, out_features=6):
+    ours = mth.snn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+    reference = nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
     reference.load_state_dict(ours.state_dict())
     return ours, reference
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+@pytest.mark.parametrize("sample", LINEAR_SAMPLES, ids=lambda s: s.id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("bias", [True, False])
-def test_forward_and_gradients_equal_torch_on_the_folded_tensor(shape, dtype, bias):
-    ours, reference = twin_layers(bias, dtype)
+def test_forward_and_gradients_equal_torch_on_the_folded_tensor(sample, dtype):
+    shape, features = sample.shape, sample.shape[-1]
+    ours, reference = twin_layers(sample.bias, dtype, features, sample.out_features)
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
 
     y = ours(x)
-    folded = x_ref.reshape(-1, 7)
-    y_ref = reference(folded).reshape(*shape[:-1], 6)
+    folded = x_ref.reshape(-1, features)
+    y_ref = reference(folded).reshape(*shape[:-1], sample.out_features)
     torch.testing.assert_close(y, y_ref)
-    assert y.shape == (*shape[:-1], 6) and y.is_contiguous()
+    assert y.shape == (*shape[:-1], sample.out_features) and y.is_contiguous()
 
     grad = torch.randn_like(y)
     y.backward(grad)
     y_ref.backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
-    if bias:
+    if sample.bias:
         torch.testing.assert_close(ours.bias.grad, reference.bias.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sample", LINEAR_SAMPLES, ids=lambda s: s.id)
+def test_op_equals_torch_on_the_folded_tensor(sample, device):
+    op, args = sample.op_args(device)
+    y, y_ref = op(*args), sample.torch_reference(*args)
+    torch.testing.assert_close(y, y_ref)
+    inputs = [a for a in args if a is not None and a.requires_grad]
+    if inputs:
+        grad = torch.randn_like(y)
+        for ours, theirs in zip(torch.autograd.grad(y, inputs, grad), torch.autograd.grad(y_ref, inputs, grad)):
+            torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sample", LINEAR_SAMPLES, ids=lambda s: s.id)
+def test_opcheck(sample, device):
+    opcheck(*sample.op_args(device), aot=sample.aot)
+
+
+@pytest.mark.parametrize("sample", [s for s in LINEAR_SAMPLES if s.gradcheck], ids=lambda s: s.id)
+def test_gradcheck_gradgradcheck_and_forward_ad_float64(sample):
+    op, inputs = sample.op_args(dtype=torch.float64, grad="xwb")
+    # forward mode too (torch.func.jvp): the graph is ATen's own addmm / mm
+    assert torch.autograd.gradcheck(op, inputs, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(op, inputs)
 
 
 def test_non_contiguous_input():
@@ -46,10 +72,14 @@ def test_non_contiguous_input():
     torch.testing.assert_close(ours(x), reference(x))
 
 
-def test_empty_time_axis_gives_empty_output():
+@pytest.mark.parametrize("time_batch", [(0, 3), (3, 0)], ids=["T0", "B0"])
+def test_an_empty_time_or_batch_axis_gives_torch_nn_empty_output(time_batch):
     ours, reference = twin_layers(True, torch.float32)
-    x = torch.randn(0, 3, 7)
-    assert ours(x).shape == reference(x).shape == (0, 3, 6)
+    x = torch.randn(*time_batch, 7, requires_grad=True)
+    y, y_ref = ours(x), reference(x.flatten(0, 1)).unflatten(0, time_batch)
+    assert y.shape == y_ref.shape == (*time_batch, 6)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and not ours.weight.grad.any() and not ours.bias.grad.any()
 
 
 def test_cpu_autocast_bfloat16_equals_torch_linear_under_autocast():
@@ -74,36 +104,6 @@ def test_cpu_autocast_bfloat16_equals_torch_linear_under_autocast():
     assert_within(ours.weight.grad, reference.weight.grad,
                   half * reference.weight.grad.abs() + sum_error(15) * (g.flatten(0, 1).T @ xb.abs().flatten(0, 1)))
     assert_within(ours.bias.grad, reference.bias.grad, half * reference.bias.grad.abs() + sum_error(15) * g.sum((0, 1)))
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck_gradgradcheck_and_forward_ad_float64(bias):
-    x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True) if bias else None
-    inputs = (x, w, b)
-    # forward mode too (torch.func.jvp): the graph is ATen's own addmm / mm
-    assert torch.autograd.gradcheck(torch.ops.matterhorn.linear, inputs, check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(torch.ops.matterhorn.linear, inputs)
-
-
-def linear_sample_inputs():
-    def make(*shape, requires_grad=False, dtype=torch.float32):
-        return torch.randn(*shape, dtype=dtype, requires_grad=requires_grad)
-
-    return [
-        (make(4, 8, 16), make(10, 16), make(10)),
-        (make(4, 8, 16, requires_grad=True), make(10, 16, requires_grad=True), make(10, requires_grad=True)),
-        (make(8, 16, requires_grad=True), make(10, 16, requires_grad=True), None),
-        (make(16, requires_grad=True), make(3, 16, requires_grad=True), make(3)),
-        (make(2, 3, 4, 5, dtype=torch.float64, requires_grad=True),
-         make(6, 5, dtype=torch.float64, requires_grad=True), make(6, dtype=torch.float64, requires_grad=True)),
-    ]
-
-
-@pytest.mark.parametrize("args", linear_sample_inputs(), ids=lambda a: None)
-def test_opcheck(args):
-    torch.library.opcheck(torch.ops.matterhorn.linear.default, args)
 
 
 def test_state_dict_loads_both_ways():
