@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import matterhorn_pytorch as mth  # noqa: E402
 from common import Case, folded, main, training_step  # noqa: E402
 
+QUICK = "--quick" in sys.argv[1:]  # a smoke run: T=1 B=1, one thread
+
 # (label, ours, torch.nn twin, input shape [T, B, ...], channels_last)
 PASSES = dict(BatchNorm2d=8, LayerNorm=5)
 CASES = [
@@ -30,6 +32,8 @@ CASES = [
 
 
 def norm_case(label, make_ours, make_fold, shape, channels_last):
+    if QUICK:
+        shape, label = (1, 1) + tuple(shape[2:]), f"{label} [quick: T=1 B=1]"
     torch.manual_seed(0)
     ours, fold = make_ours(), make_fold()
     fold.load_state_dict(ours.state_dict())
@@ -45,4 +49,6 @@ def norm_case(label, make_ours, make_fold, shape, channels_last):
 
 
 if __name__ == "__main__":
+    if QUICK:
+        torch.set_num_threads(1)
     main("Normalization, CPU", [norm_case(*case) for case in CASES])

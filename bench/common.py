@@ -58,7 +58,8 @@ def machine() -> str:
     import matterhorn_pytorch as mth
 
     # the builds of the CPU kernels that ran, ours and torch's (ATEN_CPU_CAPABILITY lowers both)
-    return (f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU kernels: ours "
+    threads = torch.get_num_threads()
+    return (f"{cpu_name()}, {threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__}, CPU kernels: ours "
             f"{mth._C.cpu_capability()}, torch {torch.backends.cpu.get_cpu_capability()}")
 
 

@@ -328,8 +328,8 @@ TORCH_LIBRARY_FRAGMENT(matterhorn, m) {
 // is made of ATen views and at::convolution, which carry their own derivatives and device guards:
 // called above autograd it records torch's own graph (ConvolutionBackward0: cuDNN / oneDNN
 // backward, double backward, forward AD), the graph of torch.nn on the folded tensor, while the
-// op stays one node for torch.compile and torch.export. A custom autograd::Function cost about
-// 10 us more per step for the same arithmetic.
+// op stays one node for torch.compile and torch.export; no custom autograd::Function adds its
+// context and output wrapping to every call.
 TORCH_LIBRARY_IMPL(matterhorn, CompositeExplicitAutograd, m) {
   m.impl("conv", &matterhorn::ops::detail::conv_kernel);
   m.impl("conv_transpose", &matterhorn::ops::detail::conv_transpose_kernel);
