@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+import matterhorn_pytorch  # noqa: F401  (registers torch.ops.matterhorn)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -231,3 +233,207 @@ LINEAR_SAMPLES = [
     LinearSample((3, 2, 5), 4, gradcheck=True),
     LinearSample((3, 2, 5), 4, bias=False, gradcheck=True),
 ]
+
+
+# ---- the normalizations: ops called with explicit arguments -----------------------------------
+
+@dataclass(frozen=True)
+class OpSample:
+    """One call of torch.ops.matterhorn.<op>: ``build(device)`` makes fresh arguments (in-place
+    arguments included); ``reference(*args)`` computes what the call must return (a tuple) in
+    float64 from float64 copies, with torch.nn or a formula; after the call, the in-place
+    arguments must equal what the reference left in its copies. ``n``: the longest sum in the
+    op (values per channel or per row), which bounds float32's rounding."""
+
+    op: str
+    build: object
+    reference: object
+    n: int
+    id: str
+
+    @property
+    def overload(self):
+        return getattr(torch.ops.matterhorn, self.op).default
+
+
+def float64_copies(args):
+    """The arguments with each tensor copied to float64 (integers kept), gradients as requested."""
+    def copy(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        c = a.detach().clone()
+        c = c.double() if c.is_floating_point() else c
+        return c.requires_grad_(a.requires_grad)
+    return [copy(a) for a in args]
+
+
+def _per_group(x, groups):
+    """[N, C, ...] -> [G, C, values]: the values each (group, channel) statistic covers."""
+    n, c = x.shape[:2]
+    return x.reshape(groups, n // groups, c, -1).transpose(1, 2).reshape(groups, c, -1)
+
+
+def _from_groups(v, like):
+    """[G, C, values] -> the shape of like ([N, C, ...])."""
+    groups, c = v.shape[:2]
+    return v.reshape(groups, c, like.shape[0] // groups, -1).transpose(1, 2).reshape(like.shape)
+
+
+def _bn_stats(x, groups):
+    xs = _per_group(x, groups)
+    return xs.mean(-1), xs.var(-1, unbiased=False)
+
+
+def _bn_elemt(x, mean, var, weight, bias, eps, groups):
+    xs = _per_group(x, groups)
+    y = (xs - mean[..., None]) * (var[..., None] + eps).rsqrt()
+    y = y * weight[:, None] if weight is not None else y
+    y = y + bias[:, None] if bias is not None else y
+    return (_from_groups(y, x),)
+
+
+def _bn_backward_reduce(dy, x, mean, groups):
+    dys, xs = _per_group(dy, groups), _per_group(x, groups)
+    return dys.sum(-1), (dys * (xs - mean[..., None])).sum(-1)
+
+
+def _bn_backward_elemt(dy, x, mean, var, weight, sum_dy, sum_dy_xmu, eps, count, groups):
+    dys, xs = _per_group(dy, groups), _per_group(x, groups)
+    invstd = (var[..., None] + eps).rsqrt()
+    dx = (dys - sum_dy[..., None] / count - (xs - mean[..., None]) * invstd ** 2 * sum_dy_xmu[..., None] / count) * invstd
+    dx = dx * weight[:, None] if weight is not None else dx
+    return (_from_groups(dx, x),)
+
+
+def _bn_update_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum):
+    """One torch.nn BatchNorm update per group, in order: the unbiased variance of count values."""
+    with torch.no_grad():
+        for g in range(mean.shape[0]):
+            if num_batches_tracked is not None:
+                num_batches_tracked += 1
+            factor = momentum if momentum is not None else 1 / int(num_batches_tracked)
+            running_mean.mul_(1 - factor).add_(factor * mean[g])
+            running_var.mul_(1 - factor).add_(factor * var[g] * count / (count - 1))
+    return ()
+
+
+def _bn_normalize(x, weight, bias, running_mean, running_var, batch_statistics, eps, groups):
+    if batch_statistics:
+        mean, var = _bn_stats(x, groups)
+    else:
+        mean, var = running_mean.expand(groups, -1), running_var.expand(groups, -1)
+    y = _bn_elemt(x, mean, var, weight, bias, eps, groups)[0]
+    return (y, mean, var) if batch_statistics else (y, x.new_empty(0), x.new_empty(0))
+
+
+def _bn_layer(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, num_features,
+              dims, multi_step_mode, per_step=False, batch_first=False):
+    """torch.nn's BatchNorm on the folded tensor (per step: one call per time step)."""
+    layer = getattr(torch.nn, f"BatchNorm{dims}d")(num_features, eps=eps, momentum=momentum, affine=False,
+                                                   track_running_stats=running_mean is not None, dtype=x.dtype)
+    with torch.no_grad():
+        if running_mean is not None:
+            layer.running_mean, layer.running_var = running_mean, running_var  # updated in place, as ours
+            layer.num_batches_tracked = num_batches_tracked if num_batches_tracked is not None else torch.tensor(0)
+    layer.train(training)
+
+    def affine(y):
+        shape = (-1,) + (1,) * (y.dim() - 2)
+        y = y * weight.view(shape) if weight is not None else y
+        return y + bias.view(shape) if bias is not None else y
+
+    if not multi_step_mode:
+        return (affine(layer(x)),)
+    steps = x.transpose(0, 1) if batch_first else x  # [T, B, ...]
+    if per_step:
+        y = torch.stack([affine(layer(step)) for step in steps])
+    else:
+        y = affine(layer(steps.flatten(0, 1))).unflatten(0, steps.shape[:2])
+    return (y.transpose(0, 1) if batch_first else y,)
+
+
+def _running(C, device="cpu", dtype=torch.float32):
+    return (make(C, dtype=dtype, device=device) * 0.1, make(C, dtype=dtype, device=device, positive=True),
+            torch.tensor(3, device=device))
+
+
+def _t(*shape, grad=False, dtype=torch.float32, positive=False):
+    return lambda device: make(*shape, dtype=dtype, device=device, requires_grad=grad, positive=positive)
+
+
+def _sample(op, reference, n, sid, *parts):
+    """parts: values, or functions of the device (a tensor, or several if marked so)."""
+    def build(device):
+        args = []
+        for part in parts:
+            if callable(part):
+                value = part(device)
+                args.extend(value if getattr(part, "several", False) else [value])
+            else:
+                args.append(part)
+        return tuple(args)
+    return OpSample(op, build, reference, n, sid)
+
+
+def _several(function):
+    function.several = True
+    return function
+
+
+_C = 3
+BATCH_NORM_SAMPLES = [
+    _sample("batch_norm", _bn_layer, 2 * 4 * 25, "training-2d",
+            _t(2, 4, _C, 5, 5, grad=True), _t(_C, grad=True), _t(_C, grad=True), _several(lambda d: _running(_C, d)),
+            True, 0.1, 1e-5, _C, 2, True, False, False),
+    _sample("batch_norm", _bn_layer, 2 * 5, "per-step-batch-first-cumulative-no-affine",
+            _t(2, 4, _C, 5, grad=True), None, None, _several(lambda d: _running(_C, d)),
+            True, None, 1e-5, _C, 1, True, True, True),
+    _sample("batch_norm", _bn_layer, 4 * 6, "eval-single-step",
+            _t(4, _C, 6, grad=True), _t(_C), _t(_C), _several(lambda d: _running(_C, d)),
+            False, 0.1, 1e-5, _C, 1, False, False, False),
+    _sample("batch_norm_normalize", _bn_normalize, 4 * 4 * 4, "batch-statistics",
+            _t(8, _C, 4, 4, grad=True), _t(_C, grad=True), _t(_C, grad=True), None, None, True, 1e-5, 2),
+    _sample("batch_norm_normalize", _bn_normalize, 1, "running-statistics-float64",
+            _t(8, _C, grad=True, dtype=torch.float64), _t(_C, dtype=torch.float64), None,
+            _t(_C, dtype=torch.float64), _t(_C, dtype=torch.float64, positive=True), False, 1e-5, 1),
+    _sample("batch_norm_stats", _bn_stats, 2 * 20, "3-groups", _t(6, _C, 4, 5), 3),
+    _sample("batch_norm_elemt", _bn_elemt, 1, "2-groups", _t(6, _C, 4), _t(2, _C), _t(2, _C, positive=True), _t(_C), _t(_C),
+            1e-5, 2),
+    _sample("batch_norm_elemt", _bn_elemt, 1, "no-affine", _t(6, _C, 4, 3), _t(1, _C), _t(1, _C, positive=True), None, None,
+            1e-3, 1),
+    _sample("batch_norm_backward_reduce", _bn_backward_reduce, 24, "1-group", _t(6, _C, 4), _t(6, _C, 4), _t(1, _C), 1),
+    _sample("batch_norm_backward_elemt", _bn_backward_elemt, 1, "3-groups",
+            _t(6, _C, 4), _t(6, _C, 4), _t(3, _C), _t(3, _C, positive=True), _t(_C), _t(3, _C), _t(3, _C), 1e-5, 8, 3),
+    _sample("batch_norm_update_stats", _bn_update_stats, 1, "2-groups",
+            _t(2, _C), _t(2, _C, positive=True), 10, _several(lambda d: _running(_C, d)), 0.1),
+    _sample("batch_norm_update_stats", _bn_update_stats, 1, "cumulative",
+            _t(2, _C), _t(2, _C, positive=True), 10, _several(lambda d: _running(_C, d)), None),
+]
+
+
+def check_against_reference(sample, device):
+    """Run the sample and its reference; outputs, in-place updates and the gradients of the
+    arguments that need them agree to float32's rounding of sums over sample.n terms."""
+    args = sample.build(device)
+    copies = float64_copies(args)
+    outputs = sample.overload(*args)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,) if outputs is not None else ()
+    expected = sample.reference(*copies)
+    assert len(outputs) == len(expected)
+    pairs = list(zip(outputs, expected)) + [(a, c) for a, c in zip(args, copies) if isinstance(a, torch.Tensor)]
+    differentiable = [(a, c) for a, c in zip(args, copies) if isinstance(a, torch.Tensor) and a.requires_grad]
+    if differentiable:
+        grad = torch.randn_like(outputs[0])
+        ours = torch.autograd.grad(outputs[0], [a for a, _ in differentiable], grad)
+        theirs = torch.autograd.grad(expected[0], [c for _, c in differentiable], grad.double())
+        pairs += list(zip(ours, theirs))
+    dtype = args[0].dtype
+    eps = sum_error(max(sample.n, 4), dtype)  # a few roundings even without a sum
+    for i, (a, b) in enumerate(pairs):
+        assert a.shape == b.shape, (i, a.shape, b.shape)
+        if not a.is_floating_point():
+            assert torch.equal(a.cpu(), b.cpu()), i
+            continue
+        scale = b.detach().abs().max().item() if b.numel() else 0.0
+        torch.testing.assert_close(a.detach().double(), b.detach().to(a.device), rtol=eps, atol=eps * (1 + scale),
+                                   msg=lambda m: f"result {i}: {m}")

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import matterhorn_pytorch as mth
-from samples import assert_within, rounding, sum_error
+from samples import BATCH_NORM_SAMPLES, DEVICES, assert_within, check_against_reference, opcheck, rounding, sum_error
 
 # (class name, input size after [T, B] / [B]: C first, memory formats to try)
 BN_SHAPES = [
@@ -279,39 +279,16 @@ def test_batch_norm_gradcheck_float64_and_a_clear_double_backward_error(per_step
         torch.autograd.gradgradcheck(run, (x, *params.values()))
 
 
-def batch_norm_sample_inputs():
-    def t(*shape, grad=False, dtype=torch.float32):
-        return torch.randn(*shape, dtype=dtype, requires_grad=grad)
-
-    C = 3
-    stats = lambda: (torch.zeros(C), torch.ones(C), torch.tensor(0))  # noqa: E731
-    samples = [
-        (torch.ops.matterhorn.batch_norm.default,
-         (t(2, 4, C, 5, 5, grad=True), t(C, grad=True), t(C, grad=True), *stats(), True, 0.1, 1e-5, C, 2, True, False, False)),
-        (torch.ops.matterhorn.batch_norm.default,
-         (t(2, 4, C, 5, grad=True), None, None, *stats(), True, None, 1e-5, C, 1, True, True, True)),
-        (torch.ops.matterhorn.batch_norm.default,
-         (t(4, C, 6, grad=True), t(C), t(C), *stats(), False, 0.1, 1e-5, C, 1, False, False, False)),
-        (torch.ops.matterhorn.batch_norm_normalize.default,
-         (t(8, C, 4, 4, grad=True), t(C, grad=True), t(C, grad=True), None, None, True, 1e-5, 2)),
-        (torch.ops.matterhorn.batch_norm_normalize.default,
-         (t(8, C, grad=True, dtype=torch.float64), t(C, dtype=torch.float64), None,
-          torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64), False, 1e-5, 1)),
-        (torch.ops.matterhorn.batch_norm_stats.default, (t(6, C, 4, 5), 3)),
-        (torch.ops.matterhorn.batch_norm_elemt.default, (t(6, C, 4), t(2, C), t(2, C).abs(), t(C), t(C), 1e-5, 2)),
-        (torch.ops.matterhorn.batch_norm_elemt.default, (t(6, C, 4, 3), t(1, C), t(1, C).abs(), None, None, 1e-3, 1)),
-        (torch.ops.matterhorn.batch_norm_backward_reduce.default, (t(6, C, 4), t(6, C, 4), t(1, C), 1)),
-        (torch.ops.matterhorn.batch_norm_backward_elemt.default,
-         (t(6, C, 4), t(6, C, 4), t(3, C), t(3, C).abs(), t(C), t(3, C), t(3, C), 1e-5, 8, 3)),
-        (torch.ops.matterhorn.batch_norm_update_stats.default, (t(2, C), t(2, C).abs(), 10, *stats(), 0.1)),
-    ]
-    return samples
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sample", BATCH_NORM_SAMPLES, ids=lambda s: f"{s.op}-{s.id}")
+def test_op_equals_torch_nn_or_a_float64_formula(sample, device):
+    check_against_reference(sample, device)
 
 
-@pytest.mark.parametrize("sample", batch_norm_sample_inputs(), ids=lambda s: str(s[0]).split(".")[-2])
-def test_opcheck(sample):
-    op, args = sample
-    torch.library.opcheck(op, args)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sample", BATCH_NORM_SAMPLES, ids=lambda s: f"{s.op}-{s.id}")
+def test_opcheck(sample, device):
+    opcheck(sample.overload, sample.build(device))
 
 
 # ---- errors in the user's terms ---------------------------------------------------------------
