@@ -250,6 +250,7 @@ class OpSample:
     reference: object
     n: int
     id: str
+    gradcheck: bool = False  # float64, small: gradcheck, forward AD and gradgradcheck of the first output
 
     @property
     def overload(self):
@@ -361,7 +362,7 @@ def _t(*shape, grad=False, dtype=torch.float32, positive=False):
     return lambda device: make(*shape, dtype=dtype, device=device, requires_grad=grad, positive=positive)
 
 
-def _sample(op, reference, n, sid, *parts):
+def _sample(op, reference, n, sid, *parts, gradcheck=False):
     """parts: values, or functions of the device (a tensor, or several if marked so)."""
     def build(device):
         args = []
@@ -372,7 +373,7 @@ def _sample(op, reference, n, sid, *parts):
             else:
                 args.append(part)
         return tuple(args)
-    return OpSample(op, build, reference, n, sid)
+    return OpSample(op, build, reference, n, sid, gradcheck)
 
 
 def _several(function):
@@ -428,7 +429,10 @@ def check_against_reference(sample, device):
         theirs = torch.autograd.grad(expected[0], [c for _, c in differentiable], grad.double())
         pairs += list(zip(ours, theirs))
     dtype = args[0].dtype
-    eps = sum_error(max(sample.n, 4), dtype)  # a few roundings even without a sum
+    # float32 accumulation for float32 and half precision (then one rounding to dtype); a few
+    # roundings even without a sum
+    eps = sum_error(max(sample.n, 4), torch.float64 if dtype == torch.float64 else torch.float32)
+    eps += rounding(dtype) if dtype in (torch.float16, torch.bfloat16) else 0
     for i, (a, b) in enumerate(pairs):
         assert a.shape == b.shape, (i, a.shape, b.shape)
         if not a.is_floating_point():
@@ -437,3 +441,57 @@ def check_against_reference(sample, device):
         scale = b.detach().abs().max().item() if b.numel() else 0.0
         torch.testing.assert_close(a.detach().double(), b.detach().to(a.device), rtol=eps, atol=eps * (1 + scale),
                                    msg=lambda m: f"result {i}: {m}")
+
+
+def _ln_rows(x, normalized_shape):
+    """[rows..., normalized...] -> [rows..., N]"""
+    return x.reshape(*x.shape[:x.dim() - len(normalized_shape)], -1)
+
+
+def _ln_layer(x, normalized_shape, weight, bias, eps):
+    return (torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps),)
+
+
+def _ln_normalize(x, normalized_shape, weight, bias, eps):
+    rows = _ln_rows(x, normalized_shape)
+    return (torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps), rows.mean(-1),
+            (rows.var(-1, unbiased=False) + eps).rsqrt())
+
+
+def _ln_backward(grad_output, x, normalized_shape, mean, rstd, weight):
+    """The input gradient for the given statistics; the parameters' gradients sum over rows."""
+    g, rows = _ln_rows(grad_output, normalized_shape), _ln_rows(x, normalized_shape)
+    xhat = (rows - mean[..., None]) * rstd[..., None]
+    gw = g * weight.reshape(-1) if weight is not None else g
+    dx = rstd[..., None] * (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True))
+    if weight is None:
+        return dx.reshape(x.shape), x.new_empty(0), x.new_empty(0)
+    n = g.shape[-1]
+    return (dx.reshape(x.shape), (g * xhat).reshape(-1, n).sum(0).reshape(weight.shape),
+            g.reshape(-1, n).sum(0).reshape(weight.shape))
+
+
+def _ln_stats(*rows):
+    return _several(lambda device: (make(*rows, device=device), make(*rows, device=device, positive=True)))
+
+
+_F64 = torch.float64
+LAYER_NORM_SAMPLES = [
+    _sample("layer_norm", _ln_layer, 20, "affine", _t(3, 2, 4, 5, grad=True), [4, 5], _t(4, 5, grad=True),
+            _t(4, 5, grad=True), 1e-5),
+    _sample("layer_norm", _ln_layer, 6, "no-affine", _t(3, 2, 6, grad=True), [6], None, None, 1e-5),
+    _sample("layer_norm_normalize", _ln_normalize, 6, "weight", _t(3, 2, 6, grad=True), [6], _t(6, grad=True), None, 1e-5),
+    _sample("layer_norm_normalize", _ln_normalize, 5, "bfloat16-bias", _t(4, 5, dtype=torch.bfloat16), [5], None,
+            _t(5, dtype=torch.bfloat16), 1e-3),
+    _sample("layer_norm_normalize", _ln_normalize, 5, "bfloat16-input-float32-parameters",
+            _t(4, 5, dtype=torch.bfloat16, grad=True), [5], _t(5, grad=True), _t(5), 1e-5),
+    *(_sample("layer_norm_normalize", _ln_normalize, 20, f"float64-{params}", _t(3, 4, 5, grad=True, dtype=_F64), [4, 5],
+              _t(4, 5, grad=True, dtype=_F64) if "weight" in params else None,
+              _t(4, 5, grad=True, dtype=_F64) if "bias" in params else None, 1e-5, gradcheck=True)
+      for params in ["weight-and-bias", "weight", "bias", "none"]),
+    _sample("layer_norm_backward", _ln_backward, 6, "weight", _t(3, 2, 6), _t(3, 2, 6), [6], _ln_stats(3, 2), _t(6)),
+    _sample("layer_norm_backward", _ln_backward, 12, "two-dimensions-no-weight", _t(3, 2, 6), _t(3, 2, 6), [2, 6],
+            _ln_stats(3), None),
+    _sample("layer_norm_backward", _ln_backward, 6, "float16",
+            _t(3, 6, dtype=torch.float16), _t(3, 6, dtype=torch.float16), [6], _ln_stats(3), _t(6, dtype=torch.float16)),
+]

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import matterhorn_pytorch as mth
-from samples import assert_within, rounding, sum_error
+from samples import DEVICES, LAYER_NORM_SAMPLES, assert_within, check_against_reference, opcheck, rounding, sum_error
 
 ops = torch.ops.matterhorn
 
@@ -137,16 +137,20 @@ def test_layer_norm_gradcheck():
     assert torch.autograd.gradgradcheck(layer, (x,))  # create_graph=True takes ATen's backward
 
 
-@pytest.mark.parametrize("params", ["weight and bias", "weight", "bias", "none"])
-def test_normalize_op_gradcheck_forward_ad_and_gradgradcheck_float64(params):
-    t = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)  # noqa: E731
-    x, w, b = t(3, 4, 5), t(4, 5) if "weight" in params else None, t(4, 5) if "bias" in params else None
+@pytest.mark.parametrize("sample", [s for s in LAYER_NORM_SAMPLES if s.gradcheck], ids=lambda s: f"{s.op}-{s.id}")
+def test_op_gradcheck_forward_ad_and_gradgradcheck_float64(sample):
+    args = sample.build("cpu")
+    where = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
-    def run(x, w, b):
-        return ops.layer_norm_normalize(x, [4, 5], w, b, 1e-5)[0]
+    def run(*tensors):
+        values = list(args)
+        for i, t in zip(where, tensors):
+            values[i] = t
+        return sample.overload(*values)[0]
 
-    assert torch.autograd.gradcheck(run, (x, w, b), check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(run, (x, w, b))
+    inputs = tuple(args[i] for i in where)
+    assert torch.autograd.gradcheck(run, inputs, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(run, inputs)
 
 
 @pytest.mark.parametrize("wrt", ["input", "weight", "bias"])
@@ -192,30 +196,16 @@ def test_cpu_autocast_and_a_bfloat16_input_with_float32_parameters_like_torch():
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-2, atol=1e-2)
 
 
-def sample_inputs():
-    def t(*shape, grad=False, dtype=torch.float32):
-        return torch.randn(*shape, dtype=dtype, requires_grad=grad)
-
-    def stats(*shape):
-        return torch.randn(*shape), torch.rand(*shape) + 0.5
-
-    return [
-        (ops.layer_norm.default, (t(3, 2, 4, 5, grad=True), [4, 5], t(4, 5, grad=True), t(4, 5, grad=True), 1e-5)),
-        (ops.layer_norm.default, (t(3, 2, 6, grad=True), [6], None, None, 1e-5)),
-        (ops.layer_norm_normalize.default, (t(3, 2, 6, grad=True), [6], t(6, grad=True), None, 1e-5)),
-        (ops.layer_norm_normalize.default, (t(4, 5, dtype=torch.bfloat16), [5], None, t(5, dtype=torch.bfloat16), 1e-3)),
-        (ops.layer_norm_normalize.default, (t(4, 5, dtype=torch.bfloat16, grad=True), [5], t(5, grad=True), t(5), 1e-5)),
-        (ops.layer_norm_backward.default, (t(3, 2, 6), t(3, 2, 6), [6], *stats(3, 2), t(6))),
-        (ops.layer_norm_backward.default, (t(3, 2, 6), t(3, 2, 6), [2, 6], *stats(3), None)),
-        (ops.layer_norm_backward.default,
-         (t(3, 6, dtype=torch.float16), t(3, 6, dtype=torch.float16), [6], *stats(3), t(6, dtype=torch.float16))),
-    ]
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sample", LAYER_NORM_SAMPLES, ids=lambda s: f"{s.op}-{s.id}")
+def test_op_equals_torch_nn_or_a_float64_formula(sample, device):
+    check_against_reference(sample, device)
 
 
-@pytest.mark.parametrize("sample", sample_inputs(), ids=lambda s: str(s[0]).split(".")[-2])
-def test_opcheck(sample):
-    op, args = sample
-    torch.library.opcheck(op, args)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sample", LAYER_NORM_SAMPLES, ids=lambda s: f"{s.op}-{s.id}")
+def test_opcheck(sample, device):
+    opcheck(sample.overload, sample.build(device))
 
 
 class TestErrors:
