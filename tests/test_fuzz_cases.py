@@ -427,7 +427,8 @@ def test_batch_norm_layers(data):
         if training and kwargs["track_running_stats"]:
             updates = groups
             for key in ("running_mean", "running_var"):
-                expected = getattr(ref64, key)
+                # rounded to the buffer's dtype: a float16 variance may overflow to inf, as in torch.nn
+                expected = getattr(ref64, key).to(getattr(ours, key).dtype).double()
                 second = (mean * mean + var).amax() if xg.numel() else torch.tensor(0.0, dtype=torch.float64)
                 sb = 4 * u * (count + 2) * updates * (expected.abs() + second + state_before[key].double().abs())
                 assert_close_bound(getattr(ours, key), expected, sb, f"{name}.{key}")
@@ -517,7 +518,8 @@ def test_layer_norm_layer(data):
         expected = torch.autograd.grad(y64, [x64] + params, dy.double())
         dyr = dy.double().reshape(rows.shape).abs()
         invstd = (var + eps).abs().rsqrt()
-        xhat = ((rows - mean) * invstd).abs()
+        # |x - mean| plus the float64 reference's own cancellation error in it
+        xhat = ((rows - mean).abs() + 1e-14 * rows.abs()) * invstd
         wv = 1.0 if w is None else w
         cond = 1 + (mean * mean + var) / (var + eps).abs()
         dwyr = dyr * wv
@@ -935,8 +937,11 @@ def test_batch_norm_update_stats_op(data):
     record(f"torch.ops.matterhorn.batch_norm_update_stats({describe(mean)}, {describe(var)}, {count}, {describe(rm)}, "
            f"{describe(rv)}, {describe(nbt)}, momentum={momentum})")
     result = outcome(lambda: ops.batch_norm_update_stats(mean, var, count, rm, rv, nbt, momentum))
-    valid = (list(mean.shape) == [G, C] and list(var.shape) == [G, C] and list(rm.shape) == [C]
-             and list(rv.shape) == [C] and nbt_kind in ("scalar", "none"))
+    # consistent shapes, whatever variants were drawn: [G, C] statistics (G >= 1), [C] running ones
+    valid = (mean.dim() == 2 and mean.shape[0] >= 1 and list(var.shape) == list(mean.shape)
+             and list(rm.shape) == list(rv.shape) == [mean.shape[1]] and nbt_kind in ("scalar", "none"))
+    if valid:
+        G, C = mean.shape
     # count 0 is torch.nn's empty training batch (statistics kept, num_batches_tracked counted); 1 or
     # fewer has no unbiased variance: an error (with C = 0 there is nothing to update: may pass)
     if valid and count != 0 and count < 2 and (C > 0 or isinstance(result, Raised)):
