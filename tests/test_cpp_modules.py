@@ -5,8 +5,10 @@ import torch
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 import matterhorn_pytorch as mth
-from test_conv import CONFIGS as CONV_CONFIGS
-from test_conv import config_id as conv_config_id
+from samples import CONV_SAMPLES
+
+# the layer samples (the op-only explicit padding and output_size are not constructor arguments)
+LAYER_CONV_SAMPLES = [s for s in CONV_SAMPLES if s.padding is None and s.output_size is None and s.dtype == torch.float32]
 
 
 def cpp_twin(python_layer, cpp_layer):
@@ -50,9 +52,9 @@ def cpp_arguments(kwargs):
             for k, v in kwargs.items()}
 
 
-@pytest.mark.parametrize("config", CONV_CONFIGS, ids=conv_config_id)
-def test_cpp_convolutions_match_the_python_classes(config):
-    name, kwargs, size = config
+@pytest.mark.parametrize("sample", LAYER_CONV_SAMPLES, ids=lambda s: s.id)
+def test_cpp_convolutions_match_the_python_classes(sample):
+    name, kwargs, size = sample.name, sample.kwargs, sample.size
     python_layer = getattr(mth.snn, name)(**kwargs)
     cpp_layer = cpp_twin(python_layer, getattr(mth._C, name)(**cpp_arguments(kwargs)))
     for shape in [(3, 2, kwargs["in_channels"], *size), (2, kwargs["in_channels"], *size)]:

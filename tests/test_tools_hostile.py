@@ -78,6 +78,14 @@ def test_run_model_reads_a_view_whose_record_is_whole(tmp_path, doubling_model):
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), x * 2)
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 2, 0, 6), (0,)])
+def test_run_model_reads_an_empty_tensor(tmp_path, doubling_model, shape):
+    torch.save(torch.randn(shape), tmp_path / "input.pt")  # a storage of no bytes: nothing to check
+    result = run(RUN_MODEL, doubling_model, tmp_path / "input.pt", tmp_path / "out.pt")
+    assert result.returncode == 0, result.stderr
+    assert torch.load(tmp_path / "out.pt").shape == shape
+
+
 def test_run_model_refuses_files_that_are_not_one_tensor(tmp_path, doubling_model):
     (tmp_path / "garbage.pt").write_bytes(os.urandom(1000))
     result = run(RUN_MODEL, doubling_model, tmp_path / "garbage.pt")

@@ -60,6 +60,7 @@ void check_record(const at::Tensor& tensor, const std::string& entry, const std:
   uint64_t needed = 0;
   TORCH_CHECK_VALUE(addressed_bytes(tensor, needed), where, " has shape ", tensor.sizes(), " and strides ",
                     tensor.strides(), ", which address more bytes than a file can hold");
+  if (needed == 0) return;  // no values to read (an empty storage has no data pointer to look up)
   const auto record = records.find(tensor.storage().data());
   TORCH_CHECK_VALUE(record != records.end(), where, " has no storage record of its own");
   const size_t held = std::min(record->second, tensor.storage().nbytes());
