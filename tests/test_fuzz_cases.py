@@ -359,6 +359,8 @@ def test_batch_norm_layers(data):
     randomize_parameters(ours, seed)
     ref_d = twin_copy(ours, getattr(nn, name))
     ref_d.train(training)
+    if device == "meta" and ref_d.momentum is None:
+        ref_d.momentum = 0.1  # torch.nn reads num_batches_tracked with .item(), which meta tensors lack
     ref_d, ours = place(ref_d, device), place(ours, device)
     # input: the layer's rank (BatchNorm1d: with or without L) or a wrong one; right or wrong channels
     multi = data.draw(st.booleans(), label="multi-step input")

@@ -95,6 +95,10 @@ void check_conv_arguments(
       spec.transposed ? "'zeros'" : "one of 'zeros', 'reflect', 'replicate', 'circular'", "; got '",
       spec.padding_mode, "'");
 
+  TORCH_CHECK_VALUE(
+      weight.sym_size(0) % spec.groups == 0, name, ": the weight's first dimension (",
+      spec.transposed ? "in_channels" : "out_channels", " = ", weight.sym_size(0), ") must be divisible by groups (",
+      spec.groups, ")");
   const c10::SymInt in_channels =
       spec.transposed ? weight.sym_size(0) : weight.sym_size(1) * spec.groups;
   const c10::SymInt out_channels =
