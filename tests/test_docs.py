@@ -38,7 +38,7 @@ SKIPPED = {
 }
 
 FENCE = re.compile(r"^```([A-Za-z0-9_+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
-BENCH = re.compile(r"^(\.venv/bin/python (bench/bench_\w+\.py))(?=\s*(#.*)?$)", re.MULTILINE)
+BENCH = re.compile(r"^((?:[A-Z_]+=\S+ )*\.venv/bin/python (bench/bench_\w+\.py))(?=\s*(#.*)?$)", re.MULTILINE)
 
 
 def blocks(path):
