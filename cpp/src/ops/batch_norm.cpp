@@ -309,6 +309,8 @@ void check_update_stats_arguments(
   TORCH_CHECK_TYPE(
       at::isFloatingType(running_mean.scalar_type()), op, ": running_mean must be floating point, got ",
       dtype_name(running_mean.scalar_type()));
+  TORCH_CHECK_VALUE(
+      running_mean.is_contiguous() && running_var.is_contiguous(), op, ": running statistics must be contiguous");
   if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
     const at::Tensor& batches = *num_batches_tracked;
     TORCH_CHECK_TYPE(

@@ -365,8 +365,6 @@ void update_stats_cpu(
     const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked,
     std::optional<double> momentum) {
   check_update_stats_arguments(mean, var, count, running_mean, running_var, num_batches_tracked);
-  TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(),
-                    "batch_norm_update_stats: running statistics must be contiguous");
   const int64_t C = running_mean.numel(), n = count.expect_int();
   const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
   if (n == 0) {  // an empty batch is counted, as torch.nn counts it, and leaves the statistics

@@ -541,8 +541,6 @@ void launch_update_stats(const at::Tensor& mean, const at::Tensor& var, int64_t 
                          const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
                          const Launch& launch) {
   detail::check_update_stats_arguments(mean, var, count, running_mean, running_var, num_batches_tracked);
-  TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(),
-                    "batch_norm_update_stats: running statistics must be contiguous");
   const int64_t channels = running_mean.numel();
   const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
   if (count == 0) {  // an empty batch is counted, as torch.nn counts it, and leaves the statistics
