@@ -194,9 +194,11 @@ class TestErrors:
             layer(torch.randn(4, 2, 5, 8, 8))
 
     @pytest.mark.parametrize("name,shape,accepted", [
-        ("Conv2d", (3, 8, 8), r"\[T, B, C, H, W\] in multi-step mode or \[B, C, H, W\] in single-step mode"),
-        ("Conv1d", (2, 3, 4, 5, 6), r"\[T, B, C, L\] in multi-step mode or \[B, C, L\] in single-step mode"),
-        ("ConvTranspose3d", (3, 4, 5), r"\[T, B, C, H, W, L\] in multi-step mode or \[B, C, H, W, L\] in single-step"),
+        ("Conv2d", (8, 8), r"\[T, B, C, H, W\] in multi-step mode or \[B, C, H, W\] \(unbatched: \[C, H, W\]\) in "
+                           r"single-step mode"),
+        ("Conv1d", (2, 3, 4, 5, 6), r"\[T, B, C, L\] in multi-step mode or \[B, C, L\] \(unbatched: \[C, L\]\) in "
+                                    r"single-step mode"),
+        ("ConvTranspose3d", (3, 4, 5), r"\[T, B, C, H, W, L\] in multi-step mode or \[B, C, H, W, L\] \(unbatched"),
     ])
     def test_wrong_rank_lists_the_accepted_shapes(self, name, shape, accepted):
         layer = getattr(mth.snn, name)(3, 4, 1)

@@ -35,8 +35,8 @@ c10::SymInt padding_after(const ConvSpec& spec, int64_t d, int64_t dims) {
 
 // The user's input shape written out, e.g. "[T, B, C, H, W] = [4, 8, 3, 32, 32]".
 std::string user_shape(const at::Tensor& input, int64_t dims) {
-  const bool multi_step = input.dim() == dims + 3;
-  return c10::str(multi_step ? "[T, B, C, " : "[B, C, ", spatial_names(dims), "] = ", input.sym_sizes());
+  const char* leading = input.dim() == dims + 3 ? "[T, B, C, " : input.dim() == dims + 2 ? "[B, C, " : "[C, ";
+  return c10::str(leading, spatial_names(dims), "] = ", input.sym_sizes());
 }
 
 void check_sizes_argument(
@@ -104,9 +104,9 @@ void check_conv_arguments(
   const c10::SymInt out_channels =
       spec.transposed ? weight.sym_size(1) * spec.groups : weight.sym_size(0);
   TORCH_CHECK_VALUE(
-      input.dim() == dims + 2 || input.dim() == dims + 3, name, ": expected input [T, B, C, ",
-      spatial, "] in multi-step mode or [B, C, ", spatial, "] in single-step mode; got a ",
-      input.dim(), "-D tensor ", input.sym_sizes());
+      input.dim() >= dims + 1 && input.dim() <= dims + 3, name, ": expected input [T, B, C, ",
+      spatial, "] in multi-step mode or [B, C, ", spatial, "] (unbatched: [C, ", spatial,
+      "]) in single-step mode; got a ", input.dim(), "-D tensor ", input.sym_sizes());
   TORCH_CHECK_VALUE(
       input.sym_size(-dims - 1) == in_channels, name, "(in_channels=", in_channels,
       "): expected input [T, B, ", in_channels, ", ", spatial, "] in multi-step mode or [B, ",
@@ -165,6 +165,9 @@ FoldedConv fold_and_pad(const at::Tensor& input, const at::Tensor& weight, const
   if (input.dim() == dims + 3) {  // multi-step: [T, B, C, ...] -> [T*B, C, ...], a view
     folded.time_batch = c10::SymDimVector{input.sym_size(0), input.sym_size(1)};
     folded.input = input.flatten(0, 1);
+  } else if (input.dim() == dims + 1) {  // unbatched [C, ...], as torch.nn accepts: a batch of one
+    folded.unbatched = true;
+    folded.input = input.unsqueeze(0);
   }
 
   bool symmetric = true;
@@ -194,7 +197,7 @@ FoldedConv fold_and_pad(const at::Tensor& input, const at::Tensor& weight, const
     // output shape ([T, B, C, ...] or [B, C, ...]) is accepted as well as the spatial sizes.
     const LayerName name = conv_layer_name(weight, true);
     c10::SymIntArrayRef requested = *spec.output_size;
-    if (requested.size() == static_cast<size_t>(dims + 2) || requested.size() == static_cast<size_t>(dims + 3)) {
+    if (requested.size() > static_cast<size_t>(dims) && requested.size() <= static_cast<size_t>(dims + 3)) {
       requested = requested.slice(requested.size() - dims);
     }
     TORCH_CHECK_VALUE(
@@ -220,6 +223,7 @@ FoldedConv fold_and_pad(const at::Tensor& input, const at::Tensor& weight, const
 }
 
 at::Tensor unfold_output(const at::Tensor& output, const FoldedConv& folded) {
+  if (folded.unbatched) return output.squeeze(0);
   return folded.time_batch.has_value() ? output.unflatten_symint(0, *folded.time_batch) : output;
 }
 

@@ -41,10 +41,11 @@ struct FoldedConv {
   c10::SymDimVector padding;             // what at::convolution still pads (symmetric zeros)
   c10::SymDimVector output_padding;      // resolved from output_size for transposed convs
   std::optional<c10::SymDimVector> time_batch;  // {T, B} when the input was multi-step
+  bool unbatched = false;                // [C, ...] input, convolved as a batch of one
 };
 FoldedConv fold_and_pad(const at::Tensor& input, const at::Tensor& weight, const ConvSpec& spec);
 
-// Unfolds at::convolution's output back to [T, B, C, ...] when the input was multi-step.
+// Unfolds at::convolution's output back to [T, B, C, ...] (multi-step) or [C, ...] (unbatched).
 at::Tensor unfold_output(const at::Tensor& output, const FoldedConv& folded);
 
 // The kernels, with the ops' schemas: checks, fold, pad, one at::convolution, unfold.

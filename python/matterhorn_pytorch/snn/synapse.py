@@ -5,8 +5,7 @@ state_dict keys) whose forward is one ``torch.ops.matterhorn`` call in either mo
 folds ``[T, B, ...]`` into one batched computation.
 """
 
-import inspect
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as distributed
@@ -62,14 +61,18 @@ class Linear(Synapse, nn.Linear):
         self._init_step_mode(multi_time_step, batch_first)
 
     def forward_step(self, o: torch.Tensor) -> torch.Tensor:
-        return torch.ops.matterhorn.linear(o, self.weight, self.bias)
+        return self.forward(o)
 
     def forward_steps(self, o: torch.Tensor) -> torch.Tensor:
-        return torch.ops.matterhorn.linear(o, self.weight, self.bias)
+        return self.forward(o)
 
     def forward(self, o: torch.Tensor) -> torch.Tensor:
         # A per-position map: [T, B] or [B, T] order and the mode do not change the arithmetic.
-        return torch.ops.matterhorn.linear(o, self.weight, self.bias)
+        return self._linear_forward(o, self.weight)
+
+    def _linear_forward(self, o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The folded GEMM with ``weight`` (the layer's own, or one derived from it)."""
+        return torch.ops.matterhorn.linear(o, weight, self.bias)
 
 
 def _torch_twin(cls: type) -> type:
@@ -90,36 +93,21 @@ def _check_sizes(layer: str, arguments: dict, names_and_minimums) -> None:
 
 class _TwinSynapse(Synapse):
     """A synapse that extends a torch.nn layer (its "twin"): the twin's constructor (the page's
-    signature, positional order and defaults included) plus keyword-only extras: the mode ones
-    and the family's ``_EXTRAS``."""
+    signature, positional order and defaults included) plus keyword-only extras."""
 
     _SIZES: tuple = ()  # (argument, minimum): sizes torch.nn would accept or fail on obscurely
-    _EXTRAS: dict = {}  # family-specific keyword-only arguments and their defaults
 
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if _torch_twin(cls) is nn.Module:  # an intermediate base: no torch.nn twin yet
-            return
-        # inspect.signature(mth.snn.Conv2d) shows the twin's parameters and ours.
-        twin = inspect.signature(_torch_twin(cls).__init__)
-        keyword = inspect.Parameter.KEYWORD_ONLY
-        extras = [inspect.Parameter("multi_time_step", keyword, default=None, annotation=Optional[bool]),
-                  inspect.Parameter("batch_first", keyword, default=False, annotation=bool)]
-        extras += [inspect.Parameter(name, keyword, default=default) for name, default in cls._EXTRAS.items()]
-        cls.__signature__ = twin.replace(parameters=list(twin.parameters.values())[1:] + extras)
-
-    def __init__(self, *args, multi_time_step: Optional[bool] = None, batch_first: bool = False, **kwargs) -> None:
-        extras = {name: kwargs.pop(name, default) for name, default in self._EXTRAS.items()}
-        twin = _torch_twin(type(self))
-        arguments = inspect.signature(twin.__init__).bind(self, *args, **kwargs).arguments
+    def _init_twin(self, multi_time_step: Optional[bool], batch_first: bool, **arguments) -> None:
+        """Run the twin's constructor on checked ``arguments``, then set the mode."""
         _check_sizes(type(self).__name__, arguments, self._SIZES)
         try:
-            twin.__init__(self, *args, **kwargs)
+            _torch_twin(type(self)).__init__(self, **arguments)
         except ValueError as error:  # torch.nn's argument checks, prefixed with the layer
             raise ValueError(f"{type(self).__name__}: {error}") from None
         self._init_step_mode(multi_time_step, batch_first)
-        for name, value in extras.items():
-            setattr(self, name, value)
+
+
+_Size = Union[int, Tuple[int, ...]]
 
 
 class _ConvSynapse(_TwinSynapse):
@@ -128,9 +116,8 @@ class _ConvSynapse(_TwinSynapse):
     _SIZES = (("in_channels", 1), ("out_channels", 1), ("kernel_size", 1), ("stride", 1),
               ("padding", 0), ("dilation", 1), ("groups", 1), ("output_padding", 0))
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        # Explicit padding for the op: N values (both sides) or (before, after) pairs for 'same'.
+    def _init_explicit_padding(self) -> None:
+        """Explicit padding for the op: N values (both sides) or (before, after) pairs for 'same'."""
         if self.padding == "same":
             self.explicit_padding: List[int] = _C.same_padding(list(self.kernel_size), list(self.dilation))
         elif self.padding == "valid":
@@ -144,6 +131,30 @@ class _ConvNd(_ConvSynapse):
     rank tells the mode, so both ranks are accepted in either mode, and ``[B, T, ...]``
     (``batch_first``) folds the same way."""
 
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _Size,
+        stride: _Size = 1,
+        padding: Union[str, _Size] = 0,
+        dilation: _Size = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        multi_time_step: Optional[bool] = None,
+        batch_first: bool = False,
+    ) -> None:
+        self._init_twin(
+            multi_time_step, batch_first, in_channels=in_channels, out_channels=out_channels,
+            kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
+            padding_mode=padding_mode, device=device, dtype=dtype,
+        )
+        self._init_explicit_padding()
+
     def forward_step(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
 
@@ -151,14 +162,43 @@ class _ConvNd(_ConvSynapse):
         return self.forward(o)
 
     def forward(self, o: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(o, self.weight)
+
+    def _conv_forward(self, o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The folded convolution with ``weight`` (the layer's own, or one derived from it)."""
         return torch.ops.matterhorn.conv(
-            o, self.weight, self.bias, self.stride, self.explicit_padding, self.dilation, self.groups, self.padding_mode
+            o, weight, self.bias, self.stride, self.explicit_padding, self.dilation, self.groups, self.padding_mode
         )
 
 
 class _ConvTransposeNd(_ConvSynapse):
     """Transposed convolution over ``[T, B, C, ...]`` (one step: ``[B, C, ...]``) as one folded
     call; ``output_size`` (spatial sizes or the whole output shape) picks ``output_padding``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _Size,
+        stride: _Size = 1,
+        padding: _Size = 0,
+        output_padding: _Size = 0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation: _Size = 1,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        multi_time_step: Optional[bool] = None,
+        batch_first: bool = False,
+    ) -> None:
+        self._init_twin(
+            multi_time_step, batch_first, in_channels=in_channels, out_channels=out_channels,
+            kernel_size=kernel_size, stride=stride, padding=padding, output_padding=output_padding, groups=groups,
+            bias=bias, dilation=dilation, padding_mode=padding_mode, device=device, dtype=dtype,
+        )
+        self._init_explicit_padding()
 
     def forward_step(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
@@ -167,8 +207,12 @@ class _ConvTransposeNd(_ConvSynapse):
         return self.forward(o)
 
     def forward(self, o: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
+        return self._conv_forward(o, self.weight, output_size)
+
+    def _conv_forward(self, o: torch.Tensor, weight: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
+        """The folded transposed convolution with ``weight`` (the layer's own, or one derived from it)."""
         return torch.ops.matterhorn.conv_transpose(
-            o, self.weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation,
+            o, weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation,
             output_size,
         )
 
@@ -205,15 +249,36 @@ class _BatchNorm(_TwinSynapse):
     of torch.nn BatchNormNd calls over t). Single-step input ``[B, C, ...]`` is torch.nn's."""
 
     _SIZES = (("num_features", 1),)
-    # sync: statistics over every process of process_group (None: the default group) in training.
-    _EXTRAS = {"per_step": False, "sync": False, "process_group": None}
     _DIMS = 0  # spatial dimensions of the torch.nn twin: 1, 2 or 3
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        multi_time_step: Optional[bool] = None,
+        batch_first: bool = False,
+        per_step: bool = False,
+        sync: bool = False,
+        process_group: Optional[object] = None,
+    ) -> None:
+        self._init_twin(
+            multi_time_step, batch_first, num_features=num_features, eps=eps, momentum=momentum, affine=affine,
+            track_running_stats=track_running_stats, device=device, dtype=dtype, bias=bias,
+        )
+        if not isinstance(per_step, bool):
+            raise TypeError(f"{type(self).__name__}: per_step must be a bool, got {per_step!r}")
         self.dims: int = self._DIMS
-        if not isinstance(self.per_step, bool):
-            raise TypeError(f"{type(self).__name__}: per_step must be a bool, got {self.per_step!r}")
+        self.per_step = per_step
+        # sync: statistics over every process of process_group (None: the default group) in training.
+        self.sync = sync
+        self.process_group = process_group
 
     def forward_step(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
@@ -327,6 +392,23 @@ class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
 class LayerNorm(_TwinSynapse, nn.LayerNorm):
     """LayerNorm over the trailing ``normalized_shape``: ``[T, B, ..., *shape]`` or
     ``[B, ..., *shape]``, the same in both modes (one call over every leading position)."""
+
+    def __init__(
+        self,
+        normalized_shape: Union[int, List[int], torch.Size],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        multi_time_step: Optional[bool] = None,
+        batch_first: bool = False,
+    ) -> None:
+        self._init_twin(
+            multi_time_step, batch_first, normalized_shape=normalized_shape, eps=eps,
+            elementwise_affine=elementwise_affine, bias=bias, device=device, dtype=dtype,
+        )
 
     def forward_step(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
