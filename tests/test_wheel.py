@@ -79,6 +79,10 @@ SMOKE = textwrap.dedent("""
 """)
 
 
+def test_ships_py_typed_so_type_checkers_read_the_signatures(wheel):
+    assert "matterhorn_pytorch/py.typed" in zipfile.ZipFile(wheel).namelist()
+
+
 def test_installs_and_runs_in_a_fresh_environment_with_only_torch(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
