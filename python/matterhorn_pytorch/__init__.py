@@ -11,6 +11,7 @@ from ._loader import load_core as _load_core
 _C = _load_core()
 
 from . import snn  # noqa: E402  (needs the ops registered by _C)
+from .fuse import fuse  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -29,4 +30,4 @@ def save_state_dict(module, path) -> None:
     torch.save({name: tensor.detach() for name, tensor in module.state_dict().items()}, path)
 
 
-__all__ = ["snn", "cmake_prefix_path", "save_state_dict", "__version__"]
+__all__ = ["snn", "fuse", "cmake_prefix_path", "save_state_dict", "__version__"]

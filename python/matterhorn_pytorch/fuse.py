@@ -1,0 +1,101 @@
+"""``fuse(model)``: a copy of a model for inference with each BatchNorm folded into the Linear,
+convolution or transposed convolution that it directly follows in an ``nn.Sequential``."""
+
+import copy
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+__all__ = ["fuse"]
+
+
+def _foldable_classes() -> tuple:
+    """Layers whose forward uses ``weight`` and ``bias`` as they are: torch.nn's Linear and
+    convolutions and ours. Subclasses are left out on purpose: one that derives its weight (the
+    weight-standardised layers) would undo a fold into the raw weight."""
+    from . import snn
+
+    names = ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
+    return tuple(getattr(nn, name) for name in names) + tuple(getattr(snn, name) for name in names)
+
+
+def _output_channels(layer: nn.Module) -> Optional[int]:
+    """The number of output channels of a layer a BatchNorm can be folded into, else None."""
+    if type(layer) not in _foldable_classes():
+        return None
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _scale_and_shift(bn: _BatchNorm, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as ``x * scale + shift`` per channel, in float64."""
+    if bn.running_mean is None or bn.running_var is None:
+        # Eval then normalises with the batch's own statistics: no fixed affine map to fold.
+        raise ValueError(
+            f"mth.fuse: {where} ({type(bn).__name__}) has track_running_stats=False, so eval normalises "
+            "with each batch's statistics, which cannot be folded into a weight; build it with "
+            "track_running_stats=True or take it out of the nn.Sequential")
+    scale = (bn.running_var.double() + bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
+@torch.no_grad()
+def _fold(layer: nn.Module, bn: _BatchNorm, where: str) -> None:
+    """Folds ``bn`` (in eval mode) into ``layer``'s weight and bias, in place."""
+    scale, shift = _scale_and_shift(bn, where)
+    weight = layer.weight.double()
+    if isinstance(layer, _ConvNd) and layer.transposed:
+        # Weight [C_in, C_out / groups, k...]: output channel g * (C_out / groups) + j is [g-th
+        # block of inputs, j].
+        groups = layer.groups
+        blocks = weight.unflatten(0, (groups, -1))
+        weight = (blocks * scale.view(groups, 1, -1, *[1] * (weight.dim() - 2))).flatten(0, 1)
+    else:  # Linear [C_out, C_in], convolution [C_out, C_in / groups, k...]
+        weight = weight * scale.view(-1, *[1] * (weight.dim() - 1))
+    bias = shift if layer.bias is None else layer.bias.double() * scale + shift
+    dtype, device = layer.weight.dtype, layer.weight.device
+    requires_grad = layer.weight.requires_grad
+    layer.weight = nn.Parameter(weight.to(dtype), requires_grad=requires_grad)
+    layer.bias = nn.Parameter(bias.to(dtype=dtype, device=device), requires_grad=requires_grad)
+
+
+def _fuse_sequential(sequential: nn.Sequential, prefix: str) -> None:
+    names = list(sequential._modules.keys())
+    for name, next_name in zip(names, names[1:]):
+        layer, bn = sequential._modules[name], sequential._modules[next_name]
+        channels = _output_channels(layer)
+        # A BatchNorm over another dimension than the layer's channels (a Linear on [T, B, N, F]
+        # before a BatchNorm1d(N)) is not a per-channel affine of the layer's output.
+        if channels is None or not isinstance(bn, _BatchNorm) or bn.num_features != channels:
+            continue
+        _fold(layer, bn, prefix + next_name)
+        sequential._modules[next_name] = nn.Identity()
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference in which each BatchNorm (ours or torch.nn's) that directly
+    follows a Linear, Conv1d/2d/3d or ConvTranspose1d/2d/3d (ours or torch.nn's) in an
+    ``nn.Sequential`` (nested ones included) is folded into that layer's weight and bias and
+    replaced by ``nn.Identity`` (so the other layers keep their names). ``model`` must be in eval
+    mode and is not changed. A BatchNorm without running statistics (``track_running_stats=False``)
+    in such a pair is refused with a ``ValueError``: eval normalises it with batch statistics.
+    A bias-free layer gets a bias. The fold is computed in float64 and cast to the layer's dtype."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mth.fuse: expected an nn.Module, got {type(model).__name__}")
+    training = [name or type(model).__name__ for name, module in model.named_modules() if module.training]
+    if training:
+        raise ValueError(
+            "mth.fuse: the model is in training mode (" + ", ".join(training[:3]) + (", ..." if len(training) > 3 else "")
+            + "); folding uses the running statistics that training changes: call model.eval() first")
+    fused = copy.deepcopy(model)
+    for name, module in list(fused.named_modules()):
+        if isinstance(module, nn.Sequential):
+            _fuse_sequential(module, name + "." if name else "")
+    return fused
