@@ -11,7 +11,7 @@ import torch.nn as nn
 import matterhorn_pytorch as mth
 from conftest import run_model_in_cpp
 
-from matterhorn_pytorch.snn.attention import MultiheadAttention  # noqa: E402
+MultiheadAttention = mth.snn.MultiheadAttention
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 

@@ -1,6 +1,7 @@
 """Spiking neural network layers. Every class is also reachable as ``snn.synapse.X``."""
 
-from . import skeleton, synapse
+from . import attention, skeleton, synapse
+from .attention import MultiheadAttention
 from .skeleton import Module
 from .synapse import (
     BatchNorm1d,
@@ -20,4 +21,4 @@ from .synapse import (
 
 __all__ = ["Module", "Synapse", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
            "ConvTranspose3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "convert_sync_batchnorm",
-           "skeleton", "synapse"]
+           "MultiheadAttention", "attention", "skeleton", "synapse"]

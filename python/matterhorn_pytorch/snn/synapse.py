@@ -12,6 +12,7 @@ import torch.distributed as distributed
 import torch.nn as nn
 
 from .. import _C
+from .attention import MultiheadAttention
 from .skeleton import Module
 
 
@@ -421,4 +422,4 @@ class LayerNorm(_TwinSynapse, nn.LayerNorm):
 
 
 __all__ = ["Synapse", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "convert_sync_batchnorm"]
+           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "convert_sync_batchnorm", "MultiheadAttention"]
