@@ -34,12 +34,12 @@ class Synapse(Module):
             )
         return self.forward_step(o.flatten(0, 1)).unflatten(0, [o.shape[0], o.shape[1]])
 
-    def forward(self, o: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.step_mode == "m":
             if self.batch_first:  # forward_steps always sees [T, B, ...]
-                return self.forward_steps(o.transpose(0, 1)).transpose(0, 1)
-            return self.forward_steps(o)
-        return self.forward_step(o)
+                return self.forward_steps(input.transpose(0, 1)).transpose(0, 1)
+            return self.forward_steps(input)
+        return self.forward_step(input)
 
 
 class Linear(Synapse, nn.Linear):
@@ -67,9 +67,9 @@ class Linear(Synapse, nn.Linear):
     def forward_steps(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
 
-    def forward(self, o: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         # A per-position map: [T, B] or [B, T] order and the mode do not change the arithmetic.
-        return self._linear_forward(o, self.weight)
+        return self._linear_forward(input, self.weight)
 
     def _linear_forward(self, o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The folded GEMM with ``weight`` (the layer's own, or one derived from it)."""
@@ -162,8 +162,8 @@ class _ConvNd(_ConvSynapse):
     def forward_steps(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
 
-    def forward(self, o: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(o, self.weight)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, self.weight)
 
     def _conv_forward(self, o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The folded convolution with ``weight`` (the layer's own, or one derived from it)."""
@@ -207,8 +207,8 @@ class _ConvTransposeNd(_ConvSynapse):
     def forward_steps(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
 
-    def forward(self, o: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
-        return self._conv_forward(o, self.weight, output_size)
+    def forward(self, input: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
+        return self._conv_forward(input, self.weight, output_size)
 
     def _conv_forward(self, o: torch.Tensor, weight: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
         """The folded transposed convolution with ``weight`` (the layer's own, or one derived from it)."""
@@ -287,13 +287,13 @@ class _BatchNorm(_TwinSynapse):
     def forward_steps(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
 
-    def forward(self, o: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.sync and self.training and self._synchronising():
-            return self._forward_synchronised(o)
+            return self._forward_synchronised(input)
         track = self.training and self.track_running_stats
         use_running = not self.training or self.track_running_stats
         return torch.ops.matterhorn.batch_norm(
-            o, self.weight, self.bias,
+            input, self.weight, self.bias,
             self.running_mean if use_running else None, self.running_var if use_running else None,
             self.num_batches_tracked if track else None,
             self.training, self.momentum, self.eps, self.num_features, self.dims, self.step_mode == "m",
@@ -417,8 +417,8 @@ class LayerNorm(_TwinSynapse, nn.LayerNorm):
     def forward_steps(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
 
-    def forward(self, o: torch.Tensor) -> torch.Tensor:
-        return torch.ops.matterhorn.layer_norm(o, self.normalized_shape, self.weight, self.bias, self.eps)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return torch.ops.matterhorn.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 __all__ = ["Synapse", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
