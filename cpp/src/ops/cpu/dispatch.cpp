@@ -72,6 +72,16 @@ const LayerNormKernels& layer_norm() {
                       &layer_norm_kernels<kAVX512>>();
 }
 
+const WeightStandardizeKernels& weight_standardize() {
+  return chosen_table<WeightStandardizeKernels, &weight_standardize_kernels<Capability::DEFAULT>,
+                      &weight_standardize_kernels<kAVX2>, &weight_standardize_kernels<kAVX512>>();
+}
+
+const SpikePackKernels& spike_pack() {
+  return chosen_table<SpikePackKernels, &spike_pack_kernels<Capability::DEFAULT>, &spike_pack_kernels<kAVX2>,
+                      &spike_pack_kernels<kAVX512>>();
+}
+
 // A registered kernel that calls `member` of the table `table()` returns.
 template <auto member, auto table>
 struct Dispatched;
@@ -93,4 +103,8 @@ TORCH_LIBRARY_IMPL(matterhorn, CPU, m) {
   m.impl("batch_norm_update_stats", &Dispatched<&BatchNormKernels::update_stats, &batch_norm>::call);
   m.impl("layer_norm_normalize", &Dispatched<&LayerNormKernels::normalize, &layer_norm>::call);
   m.impl("layer_norm_backward", &Dispatched<&LayerNormKernels::backward, &layer_norm>::call);
+  m.impl("pack_spikes", &Dispatched<&SpikePackKernels::pack, &spike_pack>::call);
+  m.impl("unpack_spikes", &Dispatched<&SpikePackKernels::unpack, &spike_pack>::call);
+  m.impl("weight_standardize_forward", &Dispatched<&WeightStandardizeKernels::forward, &weight_standardize>::call);
+  m.impl("weight_standardize_backward", &Dispatched<&WeightStandardizeKernels::backward, &weight_standardize>::call);
 }

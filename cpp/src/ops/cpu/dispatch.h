@@ -1,10 +1,10 @@
 #pragma once
-// The CPU kernels with vector loops (cpu/batch_norm_kernel.cpp, cpu/layer_norm_kernel.cpp) are
-// compiled once per capability: DEFAULT (the x86-64 baseline, or whatever the target's baseline
-// is), AVX2 and AVX512 on x86-64. Each build hands its kernels over as a table; cpu/dispatch.cpp
-// registers the ops once and calls the table of the best capability the CPU has, as ATen chooses
-// its own: ATEN_CPU_CAPABILITY=default|avx2|avx512 lowers both, so every build can be tested and
-// timed on one machine.
+// The CPU kernels with vector loops (cpu/batch_norm_kernel.cpp, cpu/layer_norm_kernel.cpp,
+// cpu/weight_standardize_kernel.cpp) are compiled once per capability: DEFAULT (the x86-64
+// baseline, or whatever the target's baseline is), AVX2 and AVX512 on x86-64. Each build hands
+// its kernels over as a table; cpu/dispatch.cpp registers the ops once and calls the table of the
+// best capability the CPU has, as ATen chooses its own: ATEN_CPU_CAPABILITY=default|avx2|avx512
+// lowers both, so every build can be tested and timed on one machine.
 #include <optional>
 #include <tuple>
 
@@ -45,10 +45,31 @@ struct LayerNormKernels {
       const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight);
 };
 
+// The building blocks of ops/weight_standardize.h.
+struct WeightStandardizeKernels {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> (*forward)(
+      const at::Tensor& weight, const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta,
+      double eps);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> (*backward)(
+      const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd,
+      const std::optional<at::Tensor>& gamma);
+};
+
+// pack_spikes / unpack_spikes (ops/spike_pack.h).
+struct SpikePackKernels {
+  std::tuple<at::Tensor, at::Tensor> (*pack)(const at::Tensor& input, c10::string_view layer);
+  at::Tensor (*unpack)(const at::Tensor& bits, const std::optional<at::Tensor>& invalid, c10::SymIntArrayRef size,
+                       c10::SymIntArrayRef stride, at::ScalarType dtype, c10::string_view layer);
+};
+
 // Defined by each capability's build of the kernel files.
 template <Capability>
 const BatchNormKernels& batch_norm_kernels();
 template <Capability>
 const LayerNormKernels& layer_norm_kernels();
+template <Capability>
+const SpikePackKernels& spike_pack_kernels();
+template <Capability>
+const WeightStandardizeKernels& weight_standardize_kernels();
 
 }  // namespace matterhorn::ops::cpu
