@@ -16,9 +16,14 @@ from .synapse import (
     LayerNorm,
     Linear,
     Synapse,
+    WSConv1d,
+    WSConv2d,
+    WSConv3d,
+    WSLinear,
     convert_sync_batchnorm,
 )
 
 __all__ = ["Module", "Synapse", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-           "ConvTranspose3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "convert_sync_batchnorm",
+           "ConvTranspose3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "WSLinear", "WSConv1d", "WSConv2d",
+           "WSConv3d", "convert_sync_batchnorm",
            "MultiheadAttention", "attention", "skeleton", "synapse"]

@@ -242,6 +242,125 @@ class ConvTranspose3d(_ConvTransposeNd, nn.ConvTranspose3d):
     """3-D transposed convolution synapse: ``[T, B, C_in, H, W, L] -> [T, B, C_out, ...]``."""
 
 
+class _WeightStandardized:
+    """Weight standardisation (matterhorn 2.0.0's WS layers), mixed into our Linear and ConvNd:
+    per output channel, over every other weight dimension (fan_in values),
+    ``(w - mean(w)) / (sqrt(var_unbiased(w) * fan_in) + eps) * gamma + beta``, mean and variance
+    constants to autograd. ``gamma`` (ones, trainable iff ``affine``) and ``beta`` (zeros, never
+    trainable) have one value per output channel. The standardised weight comes from
+    ``torch.ops.matterhorn.weight_standardize``, then the layer's folded op runs with it."""
+
+    weight: torch.Tensor
+    eps: float
+
+    def _init_weight_standardization(self, affine: bool, eps: float, device, dtype) -> None:
+        name = type(self).__name__
+        if not isinstance(affine, bool):
+            raise TypeError(f"{name}: affine must be a bool, got {affine!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"{name}: eps must be a number >= 0, got {eps!r}")
+        fan_in = self.weight[0].numel() if self.weight.shape[0] else self.weight.shape[1:].numel()
+        if fan_in == 1:
+            raise ValueError(f"{name}: weight standardisation needs 2 or more weights per output channel (an "
+                             f"unbiased variance); this layer's weight {list(self.weight.shape)} has 1")
+        out = self.weight.shape[0]
+        self.affine = affine
+        self.eps = float(eps)
+        self.gamma = nn.Parameter(torch.ones(out, device=device, dtype=dtype), requires_grad=affine)
+        self.beta = nn.Parameter(torch.zeros(out, device=device, dtype=dtype), requires_grad=False)
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with."""
+        return torch.ops.matterhorn.weight_standardize(self.weight, self.gamma, self.beta, self.eps)
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        """The input's dtype and device, in this layer's name (the folded op would name its base)."""
+        name = type(self).__name__
+        if input.dtype != self.weight.dtype:
+            raise TypeError(f"{name}: the input's dtype {input.dtype} does not match the layer's weight dtype "
+                            f"{self.weight.dtype}; cast the input or call .to({input.dtype}) on the layer")
+        if input.device != self.weight.device:
+            raise ValueError(f"{name}: the input is on {input.device} but the layer's weight is on "
+                             f"{self.weight.device}; move one of them with .to(device)")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", affine={self.affine}, eps={self.eps}"
+
+
+class WSLinear(_WeightStandardized, Linear):
+    """Linear with a standardised weight (see ``_WeightStandardized``): ``[T, B, ..., I] ->
+    [T, B, ..., O]`` or ``[B, ..., I] -> [B, ..., O]``, one GEMM over every leading position."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        affine: bool = True,
+        eps: float = 1e-6,
+        device=None,
+        dtype=None,
+        *,
+        multi_time_step: Optional[bool] = None,
+        batch_first: bool = False,
+    ) -> None:
+        Linear.__init__(self, in_features, out_features, bias, device, dtype, multi_time_step=multi_time_step,
+                        batch_first=batch_first)
+        self._init_weight_standardization(affine, eps, device, dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self._check_input(input)
+        return self._linear_forward(input, self.standardized_weight())
+
+
+class _WSConvNd(_WeightStandardized):
+    """WSConv1d/2d/3d: a convolution (``[T, B, C, ...]`` or one step ``[B, C, ...]``) with a
+    standardised weight (see ``_WeightStandardized``)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _Size,
+        stride: _Size = 1,
+        padding: Union[str, _Size] = 0,
+        dilation: _Size = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        affine: bool = True,
+        eps: float = 1e-6,
+        device=None,
+        dtype=None,
+        *,
+        multi_time_step: Optional[bool] = None,
+        batch_first: bool = False,
+    ) -> None:
+        _ConvNd.__init__(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device, dtype, multi_time_step=multi_time_step, batch_first=batch_first,
+        )
+        self._init_weight_standardization(affine, eps, device, dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self._check_input(input)
+        return self._conv_forward(input, self.standardized_weight())
+
+
+class WSConv1d(_WSConvNd, Conv1d):
+    """1-D convolution synapse with a standardised weight: ``[T, B, C_in, L] -> [T, B, C_out, L_out]``."""
+
+
+class WSConv2d(_WSConvNd, Conv2d):
+    """2-D convolution synapse with a standardised weight: ``[T, B, C_in, H, W] -> [T, B, C_out, H_out, W_out]``."""
+
+
+class WSConv3d(_WSConvNd, Conv3d):
+    """3-D convolution synapse with a standardised weight: ``[T, B, C_in, H, W, L] -> [T, B, C_out, ...]``."""
+
+
 class _BatchNorm(_TwinSynapse):
     """BatchNorm over ``[T, B, C, ...]``: per-channel statistics over T, B and every spatial
     position (torch.nn's BatchNormNd on the folded ``[T*B, C, ...]`` tensor), running statistics
@@ -422,4 +541,5 @@ class LayerNorm(_TwinSynapse, nn.LayerNorm):
 
 
 __all__ = ["Synapse", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "convert_sync_batchnorm", "MultiheadAttention"]
+           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "WSLinear", "WSConv1d", "WSConv2d", "WSConv3d",
+           "convert_sync_batchnorm", "MultiheadAttention"]
