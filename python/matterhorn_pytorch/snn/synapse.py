@@ -57,9 +57,11 @@ class Linear(Synapse, nn.Linear):
         *,
         multi_time_step: Optional[bool] = None,
         batch_first: bool = False,
+        spike_input: bool = False,
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
         self._init_step_mode(multi_time_step, batch_first)
+        self.spike_input = _spike_input(type(self).__name__, spike_input)
 
     def forward_step(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
@@ -73,6 +75,8 @@ class Linear(Synapse, nn.Linear):
 
     def _linear_forward(self, o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The folded GEMM with ``weight`` (the layer's own, or one derived from it)."""
+        if self.spike_input:
+            return torch.ops.matterhorn.spike_linear(o, weight, self.bias)
         return torch.ops.matterhorn.linear(o, weight, self.bias)
 
 
@@ -90,6 +94,14 @@ def _check_sizes(layer: str, arguments: dict, names_and_minimums) -> None:
         values = value if isinstance(value, (tuple, list)) else (value,)
         if any(not isinstance(v, int) or isinstance(v, bool) or v < minimum for v in values):
             raise ValueError(f"{layer}: {name} must be an integer (or a tuple of them) >= {minimum}, got {value!r}")
+
+
+def _spike_input(layer: str, value: bool) -> bool:
+    """``spike_input=True``: the input is spikes (0 and 1), kept for backward as 1 bit per value by the
+    ``spike_*`` ops (see docs/API.md "Spike input")."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{layer}: spike_input must be a bool, got {value!r}")
+    return value
 
 
 class _TwinSynapse(Synapse):
@@ -148,6 +160,7 @@ class _ConvNd(_ConvSynapse):
         *,
         multi_time_step: Optional[bool] = None,
         batch_first: bool = False,
+        spike_input: bool = False,
     ) -> None:
         self._init_twin(
             multi_time_step, batch_first, in_channels=in_channels, out_channels=out_channels,
@@ -155,6 +168,7 @@ class _ConvNd(_ConvSynapse):
             padding_mode=padding_mode, device=device, dtype=dtype,
         )
         self._init_explicit_padding()
+        self.spike_input = _spike_input(type(self).__name__, spike_input)
 
     def forward_step(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
@@ -167,6 +181,10 @@ class _ConvNd(_ConvSynapse):
 
     def _conv_forward(self, o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The folded convolution with ``weight`` (the layer's own, or one derived from it)."""
+        if self.spike_input:
+            return torch.ops.matterhorn.spike_conv(
+                o, weight, self.bias, self.stride, self.explicit_padding, self.dilation, self.groups, self.padding_mode
+            )
         return torch.ops.matterhorn.conv(
             o, weight, self.bias, self.stride, self.explicit_padding, self.dilation, self.groups, self.padding_mode
         )
@@ -193,6 +211,7 @@ class _ConvTransposeNd(_ConvSynapse):
         *,
         multi_time_step: Optional[bool] = None,
         batch_first: bool = False,
+        spike_input: bool = False,
     ) -> None:
         self._init_twin(
             multi_time_step, batch_first, in_channels=in_channels, out_channels=out_channels,
@@ -200,6 +219,7 @@ class _ConvTransposeNd(_ConvSynapse):
             bias=bias, dilation=dilation, padding_mode=padding_mode, device=device, dtype=dtype,
         )
         self._init_explicit_padding()
+        self.spike_input = _spike_input(type(self).__name__, spike_input)
 
     def forward_step(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
@@ -212,6 +232,11 @@ class _ConvTransposeNd(_ConvSynapse):
 
     def _conv_forward(self, o: torch.Tensor, weight: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
         """The folded transposed convolution with ``weight`` (the layer's own, or one derived from it)."""
+        if self.spike_input:
+            return torch.ops.matterhorn.spike_conv_transpose(
+                o, weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation,
+                output_size,
+            )
         return torch.ops.matterhorn.conv_transpose(
             o, weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation,
             output_size,
@@ -303,9 +328,10 @@ class WSLinear(_WeightStandardized, Linear):
         *,
         multi_time_step: Optional[bool] = None,
         batch_first: bool = False,
+        spike_input: bool = False,
     ) -> None:
         Linear.__init__(self, in_features, out_features, bias, device, dtype, multi_time_step=multi_time_step,
-                        batch_first=batch_first)
+                        batch_first=batch_first, spike_input=spike_input)
         self._init_weight_standardization(affine, eps, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -336,10 +362,11 @@ class _WSConvNd(_WeightStandardized):
         *,
         multi_time_step: Optional[bool] = None,
         batch_first: bool = False,
+        spike_input: bool = False,
     ) -> None:
         _ConvNd.__init__(
             self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            device, dtype, multi_time_step=multi_time_step, batch_first=batch_first,
+            device, dtype, multi_time_step=multi_time_step, batch_first=batch_first, spike_input=spike_input,
         )
         self._init_weight_standardization(affine, eps, device, dtype)
 
