@@ -314,3 +314,77 @@ def test_torchscript_round_trip_and_cpp_program(export, batch_first, tmp_path):
         x = torch.randn(shape)
         torch.testing.assert_close(loaded(x), model(x))
         torch.testing.assert_close(run_model_in_cpp(path, x, tmp_path), model(x), rtol=1e-5, atol=1e-5)
+
+
+class CrossAttention(nn.Module):
+    """Query and memory of other lengths, a padding mask in the input's terms; output and weights."""
+
+    def __init__(self, batch_first=False):
+        super().__init__()
+        self.attention = MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=batch_first, dtype=torch.float64)
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor, padding: torch.Tensor):
+        output, weights = self.attention(query, memory, memory, key_padding_mask=padding)
+        return output, weights
+
+
+def cross_inputs(T, S, B, batch_first=False):
+    query = torch.randn((B, T, 3, 8) if batch_first else (T, B, 3, 8), dtype=torch.float64)
+    memory = torch.randn((B, S, 3, 6) if batch_first else (S, B, 3, 6), dtype=torch.float64)
+    return query, memory, padding_mask((B, S), torch.bool)
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-first", "batch-first"])
+def test_compile_fullgraph_matches_eager_forward_and_backward(batch_first):
+    # float64: inductor's reordered sums stay within the default float64 tolerance
+    eager = CrossAttention(batch_first)
+    compiled_model = CrossAttention(batch_first)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)  # a graph break is an error
+    time = 1 if batch_first else 0
+    try:
+        for call, (T, S, B) in enumerate([(4, 5, 2), (3, 6, 3)]):  # two T, S, B: one graph with symbolic sizes
+            query, memory, padding = cross_inputs(T, S, B, batch_first)
+            for x in (memory, padding):  # sizes the layer equates with the query's: may be
+                torch._dynamo.maybe_mark_dynamic(x, 0), torch._dynamo.maybe_mark_dynamic(x, 1)
+            if call == 1:
+                torch.compiler.set_stance("fail_on_recompile")
+            grads = []
+            for model in (eager, compiled):
+                q = query.clone().requires_grad_()
+                torch._dynamo.mark_dynamic(q, 0), torch._dynamo.mark_dynamic(q, 1)
+                output, weights = model(q, memory, padding)
+                (output.square().sum() + weights.square().sum()).backward()
+                grads.append((output, weights, q.grad))
+            for got, expected in zip(grads[1], grads[0]):
+                torch.testing.assert_close(got, expected)
+            for p_compiled, p_eager in zip(compiled_model.parameters(), eager.parameters()):
+                torch.testing.assert_close(p_compiled.grad, p_eager.grad)
+            eager.zero_grad(), compiled_model.zero_grad()
+            assert output.shape[time] == T
+    finally:
+        torch.compiler.set_stance("default")
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["no-weights", "weights"])
+def test_export_with_dynamic_time_and_batch_runs_atens_attention(need_weights):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = MultiheadAttention(8, 2, dtype=torch.float64)
+
+        def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+            output, weights = self.attention(x, x, x, key_padding_mask=padding, need_weights=need_weights)
+            return output if weights is None else output + weights.sum(-1, keepdim=True).mean()
+
+    model = Model().eval()
+    T, B = torch.export.Dim("T", min=2), torch.export.Dim("B", min=2)
+    x = torch.randn(4, 3, 2, 8, dtype=torch.float64)
+    exported = torch.export.export(model, (x, padding_mask((3, 4), torch.bool)),
+                                   dynamic_shapes=({0: T, 1: B}, {0: B, 1: T}))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    # no weights: scaled dot-product attention; weights: torch's own explicit softmax path
+    assert ("aten.scaled_dot_product_attention.default" in targets) != need_weights, targets
+    for T_, B_ in [(4, 3), (7, 2)]:
+        x, padding = torch.randn(T_, B_, 2, 8, dtype=torch.float64), padding_mask((B_, T_), torch.bool)
+        torch.testing.assert_close(exported.module()(x, padding), model(x, padding))

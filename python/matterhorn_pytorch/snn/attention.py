@@ -66,7 +66,7 @@ class MultiheadAttention(Module, nn.MultiheadAttention):
                              f"{weight.device}; move one of them with .to(device)")
         if x.dtype != weight.dtype:
             raise TypeError(f"MultiheadAttention: the {name}'s dtype {x.dtype} does not match the layer's weight "
-                            f"dtype {weight.dtype}; cast the {name} or call .to({weight.dtype}) on the layer")
+                            f"dtype {weight.dtype}; cast the {name} or call .to({x.dtype}) on the layer")
         steps = "T" if name == "query" else "S"
         order = f"[B, {steps}, ..., " if self.batch_first else f"[{steps}, B, ..., "
         if x.dim() < 2 or x.shape[-1] != features:
@@ -110,6 +110,9 @@ class MultiheadAttention(Module, nn.MultiheadAttention):
                              "same sizes but the last")
         self._check_mask("key_padding_mask", key_padding_mask, query)
         self._check_mask("attn_mask", attn_mask, query)
+        if is_causal and attn_mask is None:
+            raise ValueError("MultiheadAttention: is_causal says that attn_mask is the causal mask; give attn_mask too "
+                             "(as torch.nn requires)")
         unbatched = query.dim() == 2
         # time-first views: [T, B, ..., C]; the sequences are the batch and extra positions
         q = query if unbatched or not self.batch_first else query.transpose(0, 1)
