@@ -5,6 +5,7 @@
 #include "matterhorn/ops/conv.h"
 #include "matterhorn/ops/layer_norm.h"
 #include "matterhorn/ops/weight_standardize.h"
+#include "matterhorn/snn/attention.h"
 #include "matterhorn/snn/conv.h"
 #include "matterhorn/snn/fuse.h"
 #include "matterhorn/snn/linear.h"

@@ -7,6 +7,7 @@
 #include <torch/enum.h>
 
 #include "matterhorn/ops/conv.h"
+#include "matterhorn/snn/attention.h"
 #include "matterhorn/snn/conv.h"
 #include "matterhorn/snn/linear.h"
 #include "matterhorn/snn/normalization.h"
@@ -25,13 +26,16 @@ py::dict capsules(const Items& items) {
   return result;
 }
 
-// Tensor-valued methods shared by every bound C++ module: parameters and buffers in and out, forward.
-template <typename ModuleHolder, typename PyClass>
+// Tensor-valued methods shared by every bound C++ module: parameters and buffers in and out, forward
+// (one tensor in and out; a module with another forward binds its own).
+template <typename ModuleHolder, typename PyClass, bool one_tensor_forward = true>
 void bind_module_tensors(PyClass& cls) {
-  cls.def("forward", [](ModuleHolder& self, const py::capsule& input) {
-       return tensor_to_capsule(self->forward(tensor_from_capsule(input)));
-     })
-      .def("named_parameters", [](ModuleHolder& self) { return capsules(self->named_parameters()); })
+  if constexpr (one_tensor_forward) {
+    cls.def("forward", [](ModuleHolder& self, const py::capsule& input) {
+      return tensor_to_capsule(self->forward(tensor_from_capsule(input)));
+    });
+  }
+  cls.def("named_parameters", [](ModuleHolder& self) { return capsules(self->named_parameters()); })
       .def("named_buffers", [](ModuleHolder& self) { return capsules(self->named_buffers()); })
       .def("load_parameters", [](ModuleHolder& self, const py::dict& tensors) {
         // Copies each given tensor into the parameter or buffer of that name; unknown names are errors.
@@ -216,4 +220,42 @@ PYBIND11_MODULE(_C, m) {
       py::arg("normalized_shape"), py::arg("eps") = 1e-5, py::arg("elementwise_affine") = true,
       py::arg("bias") = true);
   python::bind_module_tensors<snn::LayerNorm>(layer_norm);
+
+  auto attention = py::class_<snn::MultiheadAttention>(m, "MultiheadAttention");
+  attention.def(
+      py::init([](int64_t embed_dim, int64_t num_heads, double dropout, bool bias, bool add_bias_kv,
+                  bool add_zero_attn, std::optional<int64_t> kdim, std::optional<int64_t> vdim, bool batch_first) {
+        return snn::MultiheadAttention(snn::MultiheadAttentionOptions(embed_dim, num_heads)
+                                           .dropout(dropout)
+                                           .bias(bias)
+                                           .add_bias_kv(add_bias_kv)
+                                           .add_zero_attn(add_zero_attn)
+                                           .kdim(kdim)
+                                           .vdim(vdim)
+                                           .batch_first(batch_first));
+      }),
+      py::arg("embed_dim"), py::arg("num_heads"), py::arg("dropout") = 0.0, py::arg("bias") = true,
+      py::arg("add_bias_kv") = false, py::arg("add_zero_attn") = false, py::arg("kdim") = py::none(),
+      py::arg("vdim") = py::none(), py::arg("batch_first") = false);
+  python::bind_module_tensors<snn::MultiheadAttention, decltype(attention), false>(attention);
+  // A capsule is consumed once: key None is the query itself, value None the key (self-attention).
+  attention.def(
+      "forward",
+      [](snn::MultiheadAttention& self, const py::capsule& query, const std::optional<py::capsule>& key,
+         const std::optional<py::capsule>& value, const std::optional<py::capsule>& key_padding_mask,
+         bool need_weights, const std::optional<py::capsule>& attn_mask, bool average_attn_weights, bool is_causal) {
+        const auto tensor = [](const std::optional<py::capsule>& c) {
+          return c ? python::tensor_from_capsule(*c) : at::Tensor();
+        };
+        const at::Tensor q = python::tensor_from_capsule(query);
+        const at::Tensor k = key ? tensor(key) : q;
+        const at::Tensor v = value ? tensor(value) : k;
+        auto [output, weights] = self->forward(q, k, v, tensor(key_padding_mask), need_weights, tensor(attn_mask),
+                                               average_attn_weights, is_causal);
+        return py::make_tuple(python::tensor_to_capsule(output),
+                              weights.defined() ? py::object(python::tensor_to_capsule(weights)) : py::none());
+      },
+      py::arg("query"), py::arg("key") = py::none(), py::arg("value") = py::none(),
+      py::arg("key_padding_mask") = py::none(), py::arg("need_weights") = true, py::arg("attn_mask") = py::none(),
+      py::arg("average_attn_weights") = true, py::arg("is_causal") = false);
 }
