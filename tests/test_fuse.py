@@ -224,3 +224,42 @@ def test_fused_model_is_served(tmp_path):
         status, headers, body = infer(port, x)
     assert status == 200 and headers["X-Shape"] == f"{T},{B},5", (status, body)
     torch.testing.assert_close(torch.frombuffer(bytearray(body), dtype=torch.float32).view(T, B, 5), fused(x))
+
+
+def test_cpp_fuse_matches_python_fuse():
+    """matterhorn::snn::fuse on a torch::nn::Sequential of our C++ modules (bound in _C) gives the
+    parameters and output of mth.fuse on the same network in Python."""
+    from torch.utils.dlpack import from_dlpack, to_dlpack
+
+    C = mth._C
+    python = randomise_statistics(nn.Sequential(
+        snn.Conv2d(2, 4, 3, padding=1, bias=False), snn.BatchNorm2d(4),
+        snn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), snn.BatchNorm2d(6, affine=False, per_step=True),
+        snn.Conv2d(6, 3, 1), snn.LayerNorm([12, 12]), snn.BatchNorm2d(3),  # LayerNorm between: no pair
+    )).eval()
+    cpp = C.Sequential([
+        C.Conv2d(2, 4, [3], padding=[1], bias=False), C.BatchNorm2d(4),
+        C.ConvTranspose2d(4, 6, [2], stride=[2], groups=2), C.BatchNorm2d(6, affine=False, per_step=True),
+        C.Conv2d(6, 3, [1]), C.LayerNorm([12, 12]), C.BatchNorm2d(3),
+    ])
+    state = {**dict(python.named_parameters()), **dict(python.named_buffers())}
+    cpp.load_parameters({name: to_dlpack(tensor.detach()) for name, tensor in state.items()})
+    with pytest.raises(ValueError, match=r"training mode \(the Sequential\).*eval\(\)"):
+        cpp.fuse()
+    cpp.train(False)
+    fused_cpp, fused_python = cpp.fuse(), mth.fuse(python)
+    parameters = {name: from_dlpack(t) for name, t in fused_cpp.named_parameters().items()}
+    assert parameters.keys() == dict(fused_python.named_parameters()).keys()
+    for name, parameter in fused_python.named_parameters():
+        torch.testing.assert_close(parameters[name], parameter.detach(), rtol=0, atol=0, msg=name)
+    x = torch.rand(T, B, 2, 6, 6).bernoulli()
+    torch.testing.assert_close(from_dlpack(fused_cpp.forward(to_dlpack(x))), fused_python(x))
+    # The original C++ model is unchanged and still gives the unfused output.
+    torch.testing.assert_close(from_dlpack(cpp.forward(to_dlpack(x))), python(x))
+    assert "1.running_mean" in cpp.named_buffers() and "1.running_mean" not in fused_cpp.named_buffers()
+    assert "6.running_mean" in fused_cpp.named_buffers()  # after the LayerNorm: not folded
+
+    refused = C.Sequential([C.Linear(3, 4), C.BatchNorm1d(4, track_running_stats=False)])
+    refused.train(False)
+    with pytest.raises(ValueError, match=r"fuse: 1 \(BatchNorm1d\) has track_running_stats=false"):
+        refused.fuse()

@@ -9,6 +9,7 @@
 #include "matterhorn/ops/conv.h"
 #include "matterhorn/snn/attention.h"
 #include "matterhorn/snn/conv.h"
+#include "matterhorn/snn/fuse.h"
 #include "matterhorn/snn/linear.h"
 #include "matterhorn/snn/normalization.h"
 #include "matterhorn/version.h"
@@ -152,6 +153,29 @@ void bind_batch_norm(py::module_& m, const char* name) {
   bind_module_tensors<Holder>(cls);
 }
 
+// A Sequential of bound modules, for the fuse parity test.
+template <typename... Holders>
+torch::nn::Sequential sequential_of(const py::list& items) {
+  torch::nn::Sequential result;
+  for (const py::handle item : items) {
+    const bool pushed =
+        ((py::isinstance<Holders>(item) && (result->push_back(torch::nn::AnyModule(item.cast<Holders>())), true)) || ...);
+    if (!pushed) throw py::type_error("Sequential: expected bound matterhorn modules, got " + py::str(item.get_type()).cast<std::string>());
+  }
+  return result;
+}
+
+void bind_sequential(py::module_& m) {
+  auto cls = py::class_<torch::nn::Sequential>(m, "Sequential");
+  cls.def(py::init([](const py::list& items) {
+    return sequential_of<snn::Linear, snn::Conv1d, snn::Conv2d, snn::Conv3d, snn::ConvTranspose1d, snn::ConvTranspose2d,
+                         snn::ConvTranspose3d, snn::BatchNorm1d, snn::BatchNorm2d, snn::BatchNorm3d,
+                         snn::LayerNorm>(items);
+  }));
+  bind_module_tensors<torch::nn::Sequential>(cls);
+  cls.def("fuse", [](const torch::nn::Sequential& self) { return snn::fuse(self); }, "matterhorn::snn::fuse");
+}
+
 }  // namespace
 }  // namespace matterhorn::python
 
@@ -258,4 +282,5 @@ PYBIND11_MODULE(_C, m) {
       py::arg("query"), py::arg("key") = py::none(), py::arg("value") = py::none(),
       py::arg("key_padding_mask") = py::none(), py::arg("need_weights") = true, py::arg("attn_mask") = py::none(),
       py::arg("average_attn_weights") = true, py::arg("is_causal") = false);
+  python::bind_sequential(m);
 }

@@ -15,6 +15,8 @@
 #include <torch/enum.h>
 #include <torch/expanding_array.h>
 #include <torch/nn/cloneable.h>
+#include <torch/nn/modules/common.h>
+#include <torch/nn/modules/container/any_value.h>
 #include <torch/nn/options/conv.h>
 #include <torch/nn/pimpl.h>
 
@@ -89,6 +91,10 @@ class C10_EXPORT ConvTransposeImpl : public torch::nn::Cloneable<ConvTransposeIm
   ConvTransposeOptions<D> options;
   at::Tensor weight;  // [C_in, C_out / groups, k...]
   at::Tensor bias;    // [C_out], undefined without bias
+
+ protected:
+  // output_size may be left out when the module sits in a torch::nn::Sequential (an AnyModule).
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(at::OptionalIntArrayRef())})
 };
 
 using Conv1dOptions = ConvOptions<1>;
