@@ -92,44 +92,71 @@ void forward_kernel(const scalar_t* x, const acc_t* w, const acc_t* b, scalar_t*
 
 // dx = rstd * (dy*w - (sum(dy*w) + xhat * sum(dy*w*xhat)) / D), xhat = (x - mean) * rstd;
 // dw = sum over rows of dy * xhat, db = sum over rows of dy (only with a weight).
+// Rows go in blocks of kRows: first each row's two sums (pure reductions), then one pass over the
+// block that writes each row's dx and adds the block's dw/db terms, summed in registers, to the
+// task's partial sums: one load and store of those per block instead of per row.
+template <int kRows, bool kWeight, typename scalar_t, typename acc_t>
+void backward_rows(const scalar_t* dy, const scalar_t* x, const acc_t* mean, const acc_t* rstd, const acc_t* w,
+                   scalar_t* dx, acc_t* dw_sum, acc_t* db_sum, int64_t D) {
+  const acc_t inv_D = acc_t(1) / static_cast<acc_t>(D);
+  std::array<acc_t, kRows> mu, r, mean_g, mean_g_xhat;  // mean_g* = sum(g*) / D, g = dy * w
+  for (int k = 0; k < kRows; ++k) {
+    const scalar_t* dyr = dy + k * D;
+    const scalar_t* xr = x + k * D;
+    mu[k] = mean[k];
+    r[k] = rstd[k];
+    const auto [sum_g, sum_g_xhat] = row_sums<acc_t, 2>(D, [&](int64_t i, auto lanes) {
+      using T = decltype(lanes);
+      const T xhat = (load_as<T>(xr + i) - mu[k]) * r[k];
+      T g = load_as<T>(dyr + i);
+      if constexpr (kWeight) g = g * load_as<T>(w + i);
+      return std::array{g, g * xhat};
+    });
+    mean_g[k] = sum_g * inv_D;
+    mean_g_xhat[k] = sum_g_xhat * inv_D;
+  }
+  for_each_lane<acc_t>(D, [&](int64_t i, auto lanes) {
+    using T = decltype(lanes);
+    T weight_i{}, dw_i{}, db_i{};
+    if constexpr (kWeight) weight_i = load_as<T>(w + i);
+    for (int k = 0; k < kRows; ++k) {
+      const T d = load_as<T>(dy + k * D + i), xhat = (load_as<T>(x + k * D + i) - mu[k]) * r[k];
+      T g = d;
+      if constexpr (kWeight) {
+        g = g * weight_i;
+        dw_i = dw_i + d * xhat;
+        db_i = db_i + d;
+      }
+      store_as(dx + k * D + i, r[k] * (g - mean_g[k] - xhat * mean_g_xhat[k]));
+    }
+    if constexpr (kWeight) {
+      add_to(dw_sum + i, dw_i);
+      add_to(db_sum + i, db_i);
+    }
+  });
+}
+
+constexpr int kRows = 4;
+
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* mean, const acc_t* rstd, const acc_t* w,
                      scalar_t* dx, acc_t* dw, acc_t* db, int64_t N, int64_t D) {
   // one task per thread (at most), each with its own [2, D] partial sums of dw and db
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / rows_per_task(D)));
   std::vector<acc_t> partial(w != nullptr ? tasks * 2 * D : 0, acc_t(0));
-  const acc_t inv_D = acc_t(1) / static_cast<acc_t>(D);
   with_affine(w != nullptr, false, [&](auto has_weight, auto) {
     constexpr bool kWeight = decltype(has_weight)::value;
     at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
       for (int64_t task = task_begin; task < task_end; ++task) {
         acc_t* dw_sum = kWeight ? partial.data() + task * 2 * D : nullptr;
         acc_t* db_sum = kWeight ? dw_sum + D : nullptr;
-        for (int64_t n = N * task / tasks; n < N * (task + 1) / tasks; ++n) {
-          const scalar_t* dyr = dy + n * D;
-          const scalar_t* xr = x + n * D;
-          scalar_t* dxr = dx + n * D;
-          const acc_t mu = mean[n], r = rstd[n];
-          auto [sum_g, sum_g_xhat] = row_sums<acc_t, 2>(D, [&](int64_t i, auto lanes) {  // g = dy * w
-            using T = decltype(lanes);
-            const T d = load_as<T>(dyr + i), xhat = (load_as<T>(xr + i) - mu) * r;
-            T g = d;
-            if constexpr (kWeight) {
-              g = g * load_as<T>(w + i);
-              add_to(dw_sum + i, d * xhat);
-              add_to(db_sum + i, d);
-            }
-            return std::array{g, g * xhat};
-          });
-          sum_g *= inv_D;
-          sum_g_xhat *= inv_D;
-          for_each_lane<acc_t>(D, [&](int64_t i, auto lanes) {
-            using T = decltype(lanes);
-            const T xhat = (load_as<T>(xr + i) - mu) * r;
-            T g = load_as<T>(dyr + i);
-            if constexpr (kWeight) g = g * load_as<T>(w + i);
-            store_as(dxr + i, r * (g - sum_g - xhat * sum_g_xhat));
-          });
+        const int64_t end = N * (task + 1) / tasks;
+        int64_t n = N * task / tasks;
+        for (; n + kRows <= end; n += kRows) {
+          backward_rows<kRows, kWeight>(dy + n * D, x + n * D, mean + n, rstd + n, w, dx + n * D, dw_sum, db_sum, D);
+        }
+        for (; n < end; ++n) {
+          backward_rows<1, kWeight>(dy + n * D, x + n * D, mean + n, rstd + n, w, dx + n * D, dw_sum, db_sum, D);
         }
       }
     });
