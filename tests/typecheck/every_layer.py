@@ -22,3 +22,10 @@ layer_norm = mth.snn.LayerNorm([8, 8], eps=1e-6, elementwise_affine=True, bias=T
 y = layer_norm(x)
 mth.snn.convert_sync_batchnorm(torch.nn.Sequential(norm), process_group=None)
 step: mth.snn.Module = layer_norm.single_step_mode_().multi_step_mode_(True, recursive=False)
+spikes = x.bernoulli()
+for standardized in (mth.snn.WSConv1d(3, 4, 3, affine=False, eps=1e-5), mth.snn.WSConv2d(3, 4, 3, spike_input=True),
+                     mth.snn.WSConv3d(3, 4, 1, padding_mode="zeros", multi_time_step=True)):
+    y = standardized(spikes)
+y = mth.snn.WSLinear(8, 5, True, True, 1e-6, spike_input=True)(spikes)
+attention = mth.snn.MultiheadAttention(8, 2, dropout=0.0, kdim=8, vdim=8, batch_first=False)
+attended: Tuple[torch.Tensor, Optional[torch.Tensor]] = attention(x, x, x, need_weights=False, is_causal=False)
