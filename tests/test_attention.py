@@ -203,10 +203,10 @@ def test_dropout_in_training_is_torch_nns_on_the_folded_tensor():
 
 def test_gradcheck_float64():
     ours = MultiheadAttention(4, 2, kdim=3, add_bias_kv=True, dtype=torch.float64)
-    query = torch.randn(3, 2, 2, 4, dtype=torch.float64, requires_grad=True)
-    key = torch.randn(2, 2, 2, 3, dtype=torch.float64, requires_grad=True)
-    value = torch.randn(2, 2, 2, 4, dtype=torch.float64, requires_grad=True)
-    mask = padding_mask((2, 2, 2), torch.bool)
+    query = torch.randn(3, 1, 2, 4, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(2, 1, 2, 3, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(2, 1, 2, 4, dtype=torch.float64, requires_grad=True)
+    mask = padding_mask((1, 2, 2), torch.bool)
     assert torch.autograd.gradcheck(lambda q, k, v: ours(q, k, v, key_padding_mask=mask)[0], (query, key, value))
 
 
@@ -334,9 +334,10 @@ def cross_inputs(T, S, B, batch_first=False):
     return query, memory, padding_mask((B, S), torch.bool)
 
 
-@pytest.mark.parametrize("batch_first", [False, True], ids=["time-first", "batch-first"])
-def test_compile_fullgraph_matches_eager_forward_and_backward(batch_first):
-    # float64: inductor's reordered sums stay within the default float64 tolerance
+def test_compile_fullgraph_matches_eager_forward_and_backward():
+    # float64: inductor's reordered sums stay within the default float64 tolerance; batch_first is
+    # the same code with transposes (the export test runs it)
+    batch_first = False
     eager = CrossAttention(batch_first)
     compiled_model = CrossAttention(batch_first)
     compiled_model.load_state_dict(eager.state_dict())
@@ -366,12 +367,13 @@ def test_compile_fullgraph_matches_eager_forward_and_backward(batch_first):
         torch.compiler.set_stance("default")
 
 
-@pytest.mark.parametrize("need_weights", [False, True], ids=["no-weights", "weights"])
-def test_export_with_dynamic_time_and_batch_runs_atens_attention(need_weights):
+@pytest.mark.parametrize("need_weights,batch_first", [(False, False), (True, True)],
+                         ids=["no-weights-time-first", "weights-batch-first"])
+def test_export_with_dynamic_time_and_batch_runs_atens_attention(need_weights, batch_first):
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attention = MultiheadAttention(8, 2, dtype=torch.float64)
+            self.attention = MultiheadAttention(8, 2, batch_first=batch_first, dtype=torch.float64)
 
         def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
             output, weights = self.attention(x, x, x, key_padding_mask=padding, need_weights=need_weights)
@@ -379,12 +381,94 @@ def test_export_with_dynamic_time_and_batch_runs_atens_attention(need_weights):
 
     model = Model().eval()
     T, B = torch.export.Dim("T", min=2), torch.export.Dim("B", min=2)
-    x = torch.randn(4, 3, 2, 8, dtype=torch.float64)
-    exported = torch.export.export(model, (x, padding_mask((3, 4), torch.bool)),
-                                   dynamic_shapes=({0: T, 1: B}, {0: B, 1: T}))
+    steps = lambda T_, B_: torch.randn((B_, T_, 2, 8) if batch_first else (T_, B_, 2, 8), dtype=torch.float64)  # noqa: E731
+    exported = torch.export.export(model, (steps(4, 3), padding_mask((3, 4), torch.bool)),
+                                   dynamic_shapes=({1: T, 0: B} if batch_first else {0: T, 1: B}, {0: B, 1: T}))
     targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
     # no weights: scaled dot-product attention; weights: torch's own explicit softmax path
     assert ("aten.scaled_dot_product_attention.default" in targets) != need_weights, targets
     for T_, B_ in [(4, 3), (7, 2)]:
-        x, padding = torch.randn(T_, B_, 2, 8, dtype=torch.float64), padding_mask((B_, T_), torch.bool)
+        x, padding = steps(T_, B_), padding_mask((B_, T_), torch.bool)
         torch.testing.assert_close(exported.module()(x, padding), model(x, padding))
+
+
+def cpp_twin(python_layer, **kwargs):
+    from torch.utils.dlpack import to_dlpack  # noqa: PLC0415
+    cpp_layer = mth._C.MultiheadAttention(python_layer.embed_dim, python_layer.num_heads, **kwargs)
+    cpp_layer.load_parameters({name: to_dlpack(p.detach()) for name, p in python_layer.named_parameters()})
+    return cpp_layer
+
+
+def cpp_forward(cpp_layer, query, key=None, value=None, **kwargs):
+    """The C++ module's forward on dlpack capsules; key/value None: the query (self-attention)."""
+    from torch.utils.dlpack import from_dlpack, to_dlpack  # noqa: PLC0415
+    capsule = lambda t: None if t is None else to_dlpack(t.detach())  # noqa: E731
+    kwargs = {k: capsule(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    output, weights = cpp_layer.forward(capsule(query), capsule(key), capsule(value), **kwargs)
+    return from_dlpack(output), None if weights is None else from_dlpack(weights)
+
+
+CPP_CASES = [
+    ("default-self", dict(), True, {}),
+    ("no-bias-cross", dict(bias=False), False, {}),
+    ("bias-kv-zero-attn-padding", dict(add_bias_kv=True, add_zero_attn=True), False,
+     dict(key_padding_mask=lambda B, N, T, S: padding_mask((B, S), torch.bool))),
+    ("kdim-vdim-per-head-mask", dict(kdim=5, vdim=3), False,
+     dict(attn_mask=lambda B, N, T, S: padding_mask((B, N, 2, T, S), torch.float32), average_attn_weights=False)),
+    ("batch-first-causal-no-weights", dict(batch_first=True), True,
+     dict(attn_mask=lambda B, N, T, S: causal(T, S, torch.bool), is_causal=True, need_weights=False)),
+    ("padding-and-mask-no-weights", dict(), True,
+     dict(key_padding_mask=lambda B, N, T, S: padding_mask((B, N, S), torch.bool),
+          attn_mask=lambda B, N, T, S: padding_mask((T, S), torch.bool), need_weights=False)),
+]
+
+
+@pytest.mark.parametrize("case", CPP_CASES, ids=lambda c: c[0])
+def test_cpp_module_gives_the_python_classs_numbers(case):
+    _, kwargs, self_attention, options = case
+    python_layer = MultiheadAttention(8, 2, **kwargs)
+    with torch.no_grad():
+        for p in python_layer.parameters():
+            p.uniform_(-0.5, 0.5)
+    cpp_layer = cpp_twin(python_layer, **kwargs)
+    assert set(cpp_layer.named_parameters()) == {name for name, _ in python_layer.named_parameters()}
+    B, N, T = 2, 3, 4
+    S = T if self_attention else 5
+    query, key, value = inputs(python_layer, T, S, [B, N], self_attention, dtype=torch.float32)
+    options = {k: v(B, N, T, S) if callable(v) else v for k, v in options.items()}
+    with torch.no_grad():
+        expected, expected_weights = python_layer(query, key, value, **options)
+        output, weights = cpp_forward(cpp_layer, query, None if self_attention else key,
+                                      None if self_attention else value, **options)
+    # the same ATen calls in the same order: equal to float32 rounding
+    torch.testing.assert_close(output, expected)
+    if expected_weights is None:
+        assert weights is None
+    else:
+        torch.testing.assert_close(weights, expected_weights)
+
+
+def test_cpp_module_initialisation_repr_and_errors():
+    from torch.utils.dlpack import from_dlpack  # noqa: PLC0415
+    cpp_layer = mth._C.MultiheadAttention(16, 4)
+    parameters = {name: from_dlpack(p) for name, p in cpp_layer.named_parameters().items()}
+    bound = (6 / (16 + 48)) ** 0.5  # xavier_uniform of [3E, E], as torch.nn
+    assert parameters["in_proj_weight"].shape == (48, 16)
+    assert 0.9 * bound < parameters["in_proj_weight"].abs().max() <= bound
+    assert not parameters["in_proj_bias"].any() and not parameters["out_proj.bias"].any()
+    assert repr(mth._C.MultiheadAttention(8, 2, kdim=5, batch_first=True)) == (
+        "matterhorn::snn::MultiheadAttention(embed_dim=8, num_heads=2, dropout=0, bias=true, add_bias_kv=false, "
+        "add_zero_attn=false, kdim=5, vdim=8, batch_first=true)")
+    with pytest.raises(ValueError, match=r"^MultiheadAttention: embed_dim \(8\) must be divisible by num_heads \(3\)"):
+        mth._C.MultiheadAttention(8, 3)
+    layer = mth._C.MultiheadAttention(8, 2)
+    x = torch.randn(4, 2, 3, 8)
+    with pytest.raises(ValueError, match=NAME + r"expected the query \[T, B, \.\.\., 8\] \(or \[T, 8\]\); got \[4, 3, 7\]"):
+        cpp_forward(layer, torch.randn(4, 3, 7))
+    with pytest.raises(ValueError, match=NAME + r"expected key_padding_mask \[2, 3, 4\] \(\[B, \.\.\., S\]\) or "
+                                                r"\[2, 4\] \(\[B, S\]\); got \[2, 3, 5\]"):
+        cpp_forward(layer, x, key_padding_mask=torch.zeros(2, 3, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"^MultiheadAttention: the query's dtype torch.float64 does not match"):
+        cpp_forward(layer, x.double())
+    with pytest.raises(ValueError, match=r"^MultiheadAttention: is_causal says that attn_mask is the causal mask"):
+        cpp_forward(layer, x, is_causal=True)

@@ -268,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor> MultiheadAttentionImpl::forward(
   } else {
     if (mask.defined()) mask = mask.size(0) == 1 ? mask.unsqueeze(0) : mask.view({N, H, -1, keys});
     output = at::scaled_dot_product_attention(qp.view({N, H, T, head_dim}), kp.view({N, H, keys, head_dim}),
-                                              vp.view({N, H, keys, head_dim}), mask, dropout, causal)
+                                              vp.view({N, H, keys, head_dim}), optional(mask), dropout, causal)
                  .permute({2, 0, 1, 3})
                  .reshape({T * N, E});
   }
