@@ -67,11 +67,13 @@ class MultiheadAttention(Module, nn.MultiheadAttention):
         if x.dtype != weight.dtype:
             raise TypeError(f"MultiheadAttention: the {name}'s dtype {x.dtype} does not match the layer's weight "
                             f"dtype {weight.dtype}; cast the {name} or call .to({x.dtype}) on the layer")
-        steps = "T" if name == "query" else "S"
-        order = f"[B, {steps}, ..., " if self.batch_first else f"[{steps}, B, ..., "
         if x.dim() < 2 or x.shape[-1] != features:
+            steps = "T" if name == "query" else "S"
+            order = f"[B, {steps}, ..., " if self.batch_first else f"[{steps}, B, ..., "
             raise ValueError(f"{self._describe()}: expected the {name} {order}{features}] (or [{steps}, {features}]); "
                              f"got {list(x.shape)}")
+        if x is query:
+            return
         if x.dim() != query.dim():
             raise ValueError(f"{self._describe()}: the {name} {list(x.shape)} must have the query's rank "
                              f"(query {list(query.shape)})")
@@ -102,10 +104,13 @@ class MultiheadAttention(Module, nn.MultiheadAttention):
         if self.step_mode != "m":
             raise ValueError("MultiheadAttention: attention is over time and needs the whole sequence [T, B, ..., C] "
                              "at once; the layer has no single-step mode (call multi_step_mode_() on it)")
+        # a tensor passed twice is checked once (self-attention: the query alone)
         self._check_input("query", query, self.embed_dim, query)
-        self._check_input("key", key, self.kdim, query)
-        self._check_input("value", value, self.vdim, query)
-        if key.shape[:-1] != value.shape[:-1]:
+        if key is not query or self.kdim != self.embed_dim:
+            self._check_input("key", key, self.kdim, query)
+        if (value is not query or self.vdim != self.embed_dim) and (value is not key or self.vdim != self.kdim):
+            self._check_input("value", value, self.vdim, query)
+        if value is not key and key.shape[:-1] != value.shape[:-1]:
             raise ValueError(f"{self._describe()}: key {list(key.shape)} and value {list(value.shape)} must have the "
                              "same sizes but the last")
         self._check_mask("key_padding_mask", key_padding_mask, query)
