@@ -12,6 +12,7 @@ import torch.distributed as distributed
 import torch.nn as nn
 
 from .. import _C
+from . import _onnx
 from .attention import MultiheadAttention
 from .skeleton import Module
 
@@ -75,6 +76,8 @@ class Linear(Synapse, nn.Linear):
 
     def _linear_forward(self, o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The folded GEMM with ``weight`` (the layer's own, or one derived from it)."""
+        if not torch.jit.is_scripting() and _onnx.exporting():
+            return _onnx.linear(o, weight, self.bias)
         if self.spike_input:
             return torch.ops.matterhorn.spike_linear(o, weight, self.bias)
         return torch.ops.matterhorn.linear(o, weight, self.bias)
@@ -181,6 +184,10 @@ class _ConvNd(_ConvSynapse):
 
     def _conv_forward(self, o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The folded convolution with ``weight`` (the layer's own, or one derived from it)."""
+        if not torch.jit.is_scripting() and _onnx.exporting():
+            return _onnx.conv(
+                o, weight, self.bias, self.stride, self.explicit_padding, self.dilation, self.groups, self.padding_mode
+            )
         if self.spike_input:
             return torch.ops.matterhorn.spike_conv(
                 o, weight, self.bias, self.stride, self.explicit_padding, self.dilation, self.groups, self.padding_mode
@@ -232,6 +239,11 @@ class _ConvTransposeNd(_ConvSynapse):
 
     def _conv_forward(self, o: torch.Tensor, weight: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
         """The folded transposed convolution with ``weight`` (the layer's own, or one derived from it)."""
+        if not torch.jit.is_scripting() and _onnx.exporting():
+            return _onnx.conv_transpose(
+                o, weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation,
+                output_size,
+            )
         if self.spike_input:
             return torch.ops.matterhorn.spike_conv_transpose(
                 o, weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation,
@@ -296,6 +308,8 @@ class _WeightStandardized:
 
     def standardized_weight(self) -> torch.Tensor:
         """The weight the layer computes with."""
+        if not torch.jit.is_scripting() and _onnx.exporting():
+            return _onnx.weight_standardize(self.weight, self.gamma, self.beta, self.eps)
         return torch.ops.matterhorn.weight_standardize(self.weight, self.gamma, self.beta, self.eps)
 
     def _check_input(self, input: torch.Tensor) -> None:
@@ -438,6 +452,13 @@ class _BatchNorm(_TwinSynapse):
             return self._forward_synchronised(input)
         track = self.training and self.track_running_stats
         use_running = not self.training or self.track_running_stats
+        if not torch.jit.is_scripting() and _onnx.exporting():
+            return _onnx.batch_norm(
+                input, self.weight, self.bias,
+                self.running_mean if use_running else None, self.running_var if use_running else None, None,
+                self.training, self.momentum, self.eps, self.num_features, self.dims, self.step_mode == "m",
+                self.per_step, self.batch_first,
+            )
         return torch.ops.matterhorn.batch_norm(
             input, self.weight, self.bias,
             self.running_mean if use_running else None, self.running_var if use_running else None,
@@ -564,6 +585,8 @@ class LayerNorm(_TwinSynapse, nn.LayerNorm):
         return self.forward(o)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and _onnx.exporting():
+            return _onnx.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return torch.ops.matterhorn.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
