@@ -472,3 +472,18 @@ def test_cpp_module_initialisation_repr_and_errors():
         cpp_forward(layer, x.double())
     with pytest.raises(ValueError, match=r"^MultiheadAttention: is_causal says that attn_mask is the causal mask"):
         cpp_forward(layer, x, is_causal=True)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 3, 8), (3, 0, 3, 8), (3, 2, 0, 8)], ids=["T=0", "B=0", "N=0"])
+def test_empty_time_batch_or_positions_are_torch_nns_empty_results(shape):
+    ours, reference = layers(dict())
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    folded = x.flatten(1, 2)
+    for need_weights in (True, False):
+        output, weights = ours(x, x, x, need_weights=need_weights)
+        expected, expected_weights = reference(folded, folded, folded, need_weights=need_weights)
+        torch.testing.assert_close(output, expected.unflatten(1, shape[1:3]))
+        if need_weights:
+            torch.testing.assert_close(weights, expected_weights.unflatten(0, shape[1:3]))
+        output.sum().backward()
+        assert x.grad.shape == x.shape
