@@ -156,3 +156,30 @@ def test_eager_runs_the_ops_again_after_an_export(tmp_path):
         model(x)
     names = {event.name for event in profile.events()}
     assert {"matterhorn::conv", "matterhorn::batch_norm", "matterhorn::layer_norm"} <= names, names
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_batch_first_and_batch_statistics(dynamo, tmp_path):
+    """[B, T, ...] input; BatchNorms with batch statistics per step and over everything."""
+    m = dict(batch_first=True)
+    model = nn.Sequential(
+        snn.Conv1d(2, 4, 3, **m), snn.BatchNorm1d(4, track_running_stats=False, per_step=True, **m),
+        snn.ConvTranspose1d(4, 3, 2, stride=2, **m), snn.BatchNorm1d(3, track_running_stats=False, **m),
+        snn.Linear(8, 5, **m), snn.LayerNorm(5)).eval()
+    x = torch.randn(B, T, 2, 6)
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(model, (x,), path, dynamic_shapes=({0: torch.export.Dim("B"), 1: torch.export.Dim("T")},))
+        else:
+            torch.onnx.export(model, (x,), path, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "B", 1: "T"}})
+    assert_standard_operators(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b, t in [(B, T), (4, 5)]:
+        x = torch.randn(b, t, 2, 6)
+        (output,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            expected = model(x)
+        # Sums of at most 8 terms, normalised three times: a few roundings each.
+        torch.testing.assert_close(torch.from_numpy(output), expected, rtol=0, atol=64 * sum_error(8))
