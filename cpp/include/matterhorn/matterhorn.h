@@ -4,6 +4,7 @@
 #include "matterhorn/ops/batch_norm.h"
 #include "matterhorn/ops/conv.h"
 #include "matterhorn/ops/layer_norm.h"
+#include "matterhorn/ops/spike.h"
 #include "matterhorn/ops/weight_standardize.h"
 #include "matterhorn/snn/attention.h"
 #include "matterhorn/snn/conv.h"

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include "matterhorn/ops/conv.h"
+#include "matterhorn/ops/spike.h"
 #include "modules/init.h"
 
 namespace matterhorn::snn {
@@ -95,7 +96,8 @@ void ConvImpl<D>::pretty_print(std::ostream& stream) const {
   }
   stream << ", dilation=" << options.dilation() << ", groups=" << options.groups()
          << ", bias=" << std::boolalpha << options.bias()
-         << ", padding_mode=" << padding_mode_name(options.padding_mode()) << ")";
+         << ", padding_mode=" << padding_mode_name(options.padding_mode())
+         << (options.spike_input() ? ", spike_input=true" : "") << ")";
 }
 
 template <size_t D>
@@ -108,7 +110,8 @@ at::Tensor ConvImpl<D>::forward(const at::Tensor& input) {
   } else {
     padding.assign(D, 0);  // 'valid'
   }
-  return ops::conv(
+  const auto conv = options.spike_input() ? &ops::spike_conv : &ops::conv;
+  return conv(
       input, weight, optional_bias(bias), *options.stride(), padding, *options.dilation(),
       options.groups(), padding_mode_name(options.padding_mode()));
 }
@@ -138,12 +141,14 @@ void ConvTransposeImpl<D>::pretty_print(std::ostream& stream) const {
          << options.out_channels() << ", kernel_size=" << options.kernel_size()
          << ", stride=" << options.stride() << ", padding=" << options.padding()
          << ", output_padding=" << options.output_padding() << ", groups=" << options.groups()
-         << ", bias=" << std::boolalpha << options.bias() << ", dilation=" << options.dilation() << ")";
+         << ", bias=" << std::boolalpha << options.bias() << ", dilation=" << options.dilation()
+         << (options.spike_input() ? ", spike_input=true" : "") << ")";
 }
 
 template <size_t D>
 at::Tensor ConvTransposeImpl<D>::forward(const at::Tensor& input, at::OptionalIntArrayRef output_size) {
-  return ops::conv_transpose(
+  const auto conv_transpose = options.spike_input() ? &ops::spike_conv_transpose : &ops::conv_transpose;
+  return conv_transpose(
       input, weight, optional_bias(bias), *options.stride(), *options.padding(),
       *options.output_padding(), options.groups(), *options.dilation(), output_size);
 }

@@ -3,6 +3,7 @@
 #include <ATen/ops/empty.h>
 
 #include "matterhorn/ops/linear.h"
+#include "matterhorn/ops/spike.h"
 #include "modules/init.h"
 
 namespace matterhorn::snn {
@@ -30,11 +31,12 @@ void LinearImpl::reset_parameters() {
 void LinearImpl::pretty_print(std::ostream& stream) const {
   stream << "matterhorn::snn::Linear(in_features=" << options.in_features()
          << ", out_features=" << options.out_features() << ", bias=" << std::boolalpha
-         << options.bias() << ")";
+         << options.bias() << (options.spike_input() ? ", spike_input=true" : "") << ")";
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& input) {
-  return ops::linear(input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+  const auto linear = options.spike_input() ? &ops::spike_linear : &ops::linear;
+  return linear(input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
 }
 
 }  // namespace matterhorn::snn

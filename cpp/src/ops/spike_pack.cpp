@@ -66,7 +66,7 @@ void check_unpack_spikes(
     expected = expected * size[*it];
   }
   TORCH_CHECK_VALUE(
-      dense, layer, ": unpack_spikes needs a non-overlapping dense stride, got size ", size, " and stride ",
+      dense || n == 0, layer, ": unpack_spikes needs a non-overlapping dense stride, got size ", size, " and stride ",
       stride);
   if (invalid.has_value() && invalid->defined()) {
     TORCH_CHECK_VALUE(

@@ -39,6 +39,8 @@ struct ConvOptions {
   TORCH_ARG(int64_t, groups) = 1;
   TORCH_ARG(bool, bias) = true;
   TORCH_ARG(padding_mode_t, padding_mode) = torch::kZeros;
+  // The input is spikes (0 and 1), kept for backward as bits (matterhorn/ops/spike.h).
+  TORCH_ARG(bool, spike_input) = false;
 };
 
 template <size_t D>
@@ -54,6 +56,8 @@ struct ConvTransposeOptions {
   TORCH_ARG(int64_t, groups) = 1;
   TORCH_ARG(bool, bias) = true;
   TORCH_ARG(torch::ExpandingArray<D>, dilation) = 1;
+  // The input is spikes (0 and 1), kept for backward as bits (matterhorn/ops/spike.h).
+  TORCH_ARG(bool, spike_input) = false;
 };
 
 template <size_t D>

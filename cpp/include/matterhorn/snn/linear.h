@@ -19,6 +19,8 @@ struct C10_EXPORT LinearOptions {
   TORCH_ARG(int64_t, in_features);
   TORCH_ARG(int64_t, out_features);
   TORCH_ARG(bool, bias) = true;
+  // The input is spikes (0 and 1), kept for backward as bits (matterhorn/ops/spike.h).
+  TORCH_ARG(bool, spike_input) = false;
 };
 
 class C10_EXPORT LinearImpl : public torch::nn::Cloneable<LinearImpl> {
