@@ -1240,6 +1240,250 @@ def test_layer_norm_backward_op(data):
     check_block(result, valid, [dy, x, mean_t, rstd_t, w], "layer_norm_backward", compare)
 
 
+# ---- weight standardisation: WSLinear, WSConv1d/2d/3d and their ops ------------------------------
+
+WS_LAYERS = ["WSLinear", "WSConv1d", "WSConv2d", "WSConv3d"]
+
+
+def ws_reference(w64, gamma64, beta64, eps):
+    """matterhorn 2.0.0's effective weight in float64 (mean and variance constants to autograd),
+    with per output channel K, rstd, |w - mean| and |mean| (what the statistics' rounding scales with)."""
+    rows = w64.detach().flatten(1)
+    shape = (w64.shape[0],) + (1,) * (w64.dim() - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # var of no values
+        mean, var = rows.mean(1).view(shape), rows.var(1).view(shape)
+    rstd = 1 / ((var * rows.shape[1]).sqrt() + eps)
+    out = (w64 - mean) * rstd
+    if gamma64 is not None:
+        out = out * gamma64.view(shape)
+    if beta64 is not None:
+        out = out + beta64.view(shape)
+    return dict(out=out, K=rows.shape[1], rstd=rstd, deviation=(w64.detach() - mean).abs(), mean=mean.abs(),
+                gamma=1.0 if gamma64 is None else gamma64.detach().abs().view(shape),
+                beta=0.0 if beta64 is None else beta64.detach().abs().view(shape))
+
+
+def ws_weight_bound(ws, u_acc, u):
+    """The standardised weight's rounding: the mean and variance of K values in the accumulation
+    type (u_acc) relative to each value's distance from the mean plus the mean, the affine in
+    u_acc, then one rounding to the dtype (u)."""
+    scaled = (ws["deviation"] + ws["mean"]) * ws["rstd"].abs() * ws["gamma"]
+    return 4 * u_acc * (ws["K"] + 4) * scaled + 4 * u_acc * ws["beta"] + u * ws["out"].detach().abs()
+
+
+@case
+@given(data=st.data())
+def test_weight_standardized_layers(data):
+    """WSLinear / WSConvNd: the twin (torch.nn Linear / ConvNd) on the folded input with matterhorn
+    2.0.0's standardised weight; its verdict on shapes and dtypes, values and gradients on the CPU."""
+    name = data.draw(st.sampled_from(WS_LAYERS), label="layer")
+    dims = 0 if name == "WSLinear" else int(name[-2])
+    layer_dtype = data.draw(st.sampled_from(FLOATS), label="layer dtype")
+    dtype = data.draw(st.sampled_from([layer_dtype] * 3 + FLOATS + NON_FLOATS), label="input dtype")
+    bias = data.draw(st.booleans(), label="bias")
+    affine = data.draw(st.booleans(), label="affine")
+    eps = data.draw(st.sampled_from([1e-6, 1e-6, 0.1, 0.0, -1e-3]), label="eps")
+    if dims == 0:
+        in_c, out_c = data.draw(st.integers(0, 5), label="in_features"), data.draw(st.integers(0, 4), label="out")
+        args, kwargs = (in_c, out_c), dict(bias=bias)
+    else:
+        groups = data.draw(st.sampled_from([1, 1, 2]), label="groups")
+        in_c = data.draw(st.integers(1, 3), label="in_channels") * groups
+        out_c = data.draw(st.integers(1, 3), label="out_channels") * groups
+        kernel = tuple(data.draw(st.integers(1, 3), label="kernel") for _ in range(dims))
+        padding = data.draw(st.sampled_from([0, 1, "same"]), label="padding")
+        mode = data.draw(st.sampled_from(["zeros", "zeros", "reflect", "circular"]), label="padding_mode")
+        args, kwargs = (in_c, out_c, kernel), dict(padding=padding, padding_mode=mode, groups=groups, bias=bias)
+    device = draw_device(data)
+    multi = data.draw(st.booleans(), label="multi-step")
+    seed = data.draw(seeds, label="seed")
+    record(f"{name}{args} {kwargs} affine={affine} eps={eps}")
+    cls, twin_cls = getattr(mth.snn, name), getattr(nn, name[2:])
+    made = outcome(lambda: cls(*args, **kwargs, affine=affine, eps=eps, dtype=layer_dtype,
+                               multi_time_step=multi if data.draw(st.booleans()) else None))
+    twin = twin_cls(*args, **kwargs, dtype=layer_dtype)
+    fan_in = twin.weight[0].numel() if twin.weight.shape[0] else twin.weight.shape[1:].numel()
+    if eps < 0 or fan_in == 1:  # the API refuses them (docs/API.md); torch.nn has no such argument
+        check_clean_error(made, name, types=(ValueError,))
+        return
+    assert not isinstance(made, Raised), f"{name}: {made!r}"
+    ours = made
+    randomize_parameters(ours, seed)
+    with torch.no_grad():
+        ours.gamma.copy_(ours.gamma.abs() + 0.5)  # a scale, as trained ones are
+    w64, g64, b64 = (ours.weight.detach().double(), ours.gamma.detach().double(), ours.beta.detach().double())
+    ws = ws_reference(w64, g64, b64, eps)
+    twin.load_state_dict({"weight": ws["out"].to(layer_dtype), **({"bias": ours.bias.detach()} if bias else {})})
+    ref_d, ours = place(twin, device), place(ours, device)
+    if dims == 0:
+        lead = [data.draw(st.integers(0, 3), label="leading") for _ in range(data.draw(st.integers(0, 3)))]
+        shape = lead + [data.draw(st.sampled_from([in_c] * 4 + [in_c + 1]), label="last")]
+    else:
+        lead = leading_shape(data, multi)
+        shape = lead + [data.draw(st.sampled_from([in_c] * 5 + [in_c + 1]), label="channels")] + \
+            [data.draw(st.integers(1, 5), label="spatial") for _ in range(dims)]
+    x = make_tensor(shape, dtype, data.draw(st.sampled_from(LAYOUTS), label="layout"), input_device(device), seed,
+                    channel_dim=len(lead) if dims else None)
+    requires_grad = dtype in (torch.float32, torch.float64) and dtype == layer_dtype and device == "cpu"
+    x.requires_grad_(requires_grad)
+    folds = dims > 0 and x.dim() == dims + 3
+
+    def run_ref(m, t):
+        y = m(t.flatten(0, 1) if folds else t)
+        return y.unflatten(0, x.shape[:2]) if folds else y
+
+    def compare(y):
+        u = u_of(dtype, layer_dtype)
+        u_acc = finfo_eps(torch.float64 if layer_dtype == torch.float64 else torch.float32)
+        w_leaf, g_leaf = w64.clone().requires_grad_(), g64.clone().requires_grad_()
+        b_leaf = ours.bias.detach().double().requires_grad_() if bias else None
+        x64 = x.detach().double().requires_grad_()
+        twin64 = copy.deepcopy(ref_d).double()
+
+        def f(xx, w, b):  # the twin with these tensors as its parameters
+            return run_ref(lambda t: torch.func.functional_call(twin64, {"weight": w, **({"bias": b} if bias else {})},
+                                                                (t,)), xx)
+
+        w_std = ws_reference(w_leaf, g_leaf, b64, eps)["out"]
+        y64 = f(x64, w_std, b_leaf)
+        dy = grad_output_like(y, seed) if requires_grad else None
+        bound, grad_bounds = bilinear_bounds(f, [x64, w_std.detach(), None if b_leaf is None else b_leaf.detach()],
+                                             None if dy is None else dy.double(), u)
+        weight_error = ws_weight_bound(ws, u_acc, finfo_eps(layer_dtype))
+        ax = x64.detach().abs().requires_grad_()
+        assert_close_bound(y, y64, bound + f(ax, weight_error, None).detach(), f"{name} output")
+        if dy is None:
+            return
+        y.backward(dy)
+        names = ["input", "weight"] + (["gamma"] if affine else []) + (["bias"] if bias else [])
+        leaves = [x64, w_leaf] + ([g_leaf] if affine else []) + ([b_leaf] if bias else [])
+        expected = dict(zip(names, torch.autograd.grad(y64, leaves, dy.double())))
+        # the gradient of <dy, f> in the standardised weight, G: its terms' magnitude and its bound
+        aw = w_std.detach().abs().requires_grad_()
+        g_magnitude = torch.autograd.grad(f(ax.detach(), aw, None), aw, dy.double().abs())[0]
+        relative = 4 * u_acc * (ws["K"] + 4)  # rstd's and the mean's rounding
+        w_hat = ws["deviation"] * ws["rstd"].abs()
+        bounds = {  # dx = G^T-map of the weight; dw = G * gamma * rstd; dgamma = sum(G * w_hat)
+            "input": grad_bounds[0] + torch.autograd.grad(f(ax, weight_error, None), ax, dy.double().abs())[0],
+            "weight": grad_bounds[1] * ws["gamma"] * ws["rstd"].abs() + (relative + u) * expected["weight"].abs(),
+            "gamma": (grad_bounds[1] * w_hat + relative * g_magnitude * (ws["deviation"] + ws["mean"])
+                      * ws["rstd"].abs()).flatten(1).sum(1) + u * expected.get("gamma", torch.zeros(())).abs(),
+            "bias": grad_bounds[2] if bias else None,
+        }
+        actual = {"input": x.grad, "weight": ours.weight.grad, "gamma": ours.gamma.grad,
+                  "bias": ours.bias.grad if bias else None}
+        for what, e in expected.items():
+            assert actual[what] is not None, f"{name}: no gradient for {what}"
+            assert_close_bound(actual[what], e, bounds[what], f"{name} grad of {what}")
+        assert ours.beta.grad is None and (affine or ours.gamma.grad is None)
+
+    if dims == 0:
+        wrong = "a 0-D input" if not shape else None
+    else:
+        wrong = None if x.shape[-dims - 1] == in_c else "channels unlike in_channels"
+    # shapes are checked by the folded op, which names the base layer (docs/API.md)
+    check_layer(ours, ref_d, x, name=(name, name[2:]), run_ref=run_ref, layer_dtype=layer_dtype, must_raise_reason=wrong,
+                device=device, compare=compare, folded=(lambda t: list(t.flatten(0, 1).shape)) if folds else None)
+
+
+def ws_draw_per_channel(data, O, dtype, seed, label):
+    """gamma or beta: absent, [O] (mostly) or a wrong shape; sometimes another dtype."""
+    shape = data.draw(st.sampled_from([None, [O], [O], [O], [O + 1], [O, 1], []]), label=f"{label} shape")
+    if shape is None:
+        return None
+    p_dtype = data.draw(st.sampled_from([dtype] * 6 + FLOATS), label=f"{label} dtype")
+    t = make_tensor(shape, p_dtype, "contiguous", "cpu", seed)
+    return t.abs() + 0.5 if label == "gamma" and p_dtype.is_floating_point else t
+
+
+@case
+@given(data=st.data())
+def test_weight_standardize_ops(data):
+    """weight_standardize, weight_standardize_forward and weight_standardize_backward on drawn
+    weights (any rank, zero sizes, fan_in 1), per-channel tensors, eps, dtypes, layouts and
+    devices: a clean error where the contract (docs/API.md) refuses, else the float64 formula."""
+    seed = data.draw(seeds, label="seed")
+    which = data.draw(st.sampled_from(["weight_standardize", "weight_standardize_forward",
+                                       "weight_standardize_backward"]), label="op")
+    dtype = draw_dtype(data, "dtype")
+    rank = data.draw(st.sampled_from([2, 2, 3, 4, 5, 1, 0]), label="rank")
+    shape = [data.draw(st.integers(0, 4), label="size") for _ in range(rank)]
+    w = make_tensor(shape, dtype, data.draw(st.sampled_from(LAYOUTS), label="layout"), "cpu", seed, channel_dim=1,
+                    offset=data.draw(st.sampled_from([0.0, 0.0, 100.0]), label="offset"))
+    O = shape[0] if shape else 0
+    gamma, beta = ws_draw_per_channel(data, O, dtype, seed + 1, "gamma"), ws_draw_per_channel(data, O, dtype, seed + 2, "beta")
+    eps = data.draw(st.sampled_from([1e-6, 1e-6, 0.0, 0.1, -1e-3, math.nan]), label="eps")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    fan_in = math.prod(shape[1:]) if rank >= 1 else 0
+    floating = dtype.is_floating_point
+    per_channel_ok = all(p is None or (list(p.shape) == [O] and p.dtype == dtype) for p in (gamma, beta))
+    if which == "weight_standardize_backward":
+        beta = None
+        dy = make_tensor(data.draw(st.sampled_from([shape] * 6 + [shape[:-1]]), label="dy shape"),
+                         data.draw(st.sampled_from([dtype] * 6 + FLOATS), label="dy dtype"), "contiguous", "cpu", seed + 3)
+        stat_shape = data.draw(st.sampled_from([[O]] * 6 + [[O + 1]]), label="stat shape")
+        stat_dtype = data.draw(st.sampled_from([acc] * 6 + [torch.float16]), label="stat dtype")
+        mean = make_tensor(stat_shape, stat_dtype, "contiguous", "cpu", seed + 4)
+        rstd = make_tensor(stat_shape, stat_dtype, "contiguous", "cpu", seed + 5).abs()
+        valid = floating and rank >= 2 and list(dy.shape) == shape and dy.dtype == dtype and stat_shape == [O] and \
+            stat_dtype == acc and (gamma is None or (list(gamma.shape) == [O] and gamma.dtype == dtype))
+        tensors = [maybe_meta(data, t, label) for t, label in [(dy, "dy"), (w, "w"), (mean, "mean"), (rstd, "rstd"),
+                                                                (gamma, "gamma")]]
+        record(f"torch.ops.matterhorn.weight_standardize_backward({', '.join(describe(t) for t in tensors)})")
+        result = outcome(lambda: ops.weight_standardize_backward(*tensors))
+        dy, w, mean, rstd, gamma = tensors
+    else:
+        valid = floating and rank >= 2 and fan_in != 1 and per_channel_ok and eps >= 0
+        w, gamma, beta = (maybe_meta(data, t, label) for t, label in [(w, "w"), (gamma, "gamma"), (beta, "beta")])
+        record(f"torch.ops.matterhorn.{which}({describe(w)}, {describe(gamma)}, {describe(beta)}, {eps})")
+        result = outcome(lambda: getattr(ops, which)(w, gamma, beta, eps))
+    u, u_acc = finfo_eps(dtype) if floating else 0, finfo_eps(acc)
+
+    def compare(r):
+        if which == "weight_standardize_backward":
+            dw, dgamma, dbeta = r
+            assert dw.shape == w.shape and dw.dtype == dtype and list(dbeta.shape) == [O] and dbeta.dtype == dtype
+            assert list(dgamma.shape) == ([O] if gamma is not None else [0])
+            if dw.device.type == "meta":
+                return
+            shape1 = (O,) + (1,) * (w.dim() - 1)
+            d64, w64, m64, r64 = dy.double(), w.double(), mean.double().view(shape1), rstd.double().view(shape1)
+            g64 = gamma.double().view(shape1) if gamma is not None else torch.ones(shape1, dtype=torch.float64)
+            expected_dw = d64 * g64 * r64
+            assert_close_bound(dw, expected_dw, 4 * (u_acc + u) * expected_dw.abs(), "grad_weight")
+            terms = (d64 * (w64 - m64) * r64).flatten(1)
+            assert_close_bound(dbeta, d64.flatten(1).sum(1), 2 * u_acc * (fan_in + 2) * d64.flatten(1).abs().sum(1)
+                               + u * d64.flatten(1).sum(1).abs(), "grad_beta")
+            if gamma is not None:
+                scale = (d64.abs() * ((w64 - m64).abs() + m64.abs() + w64.abs()) * r64).flatten(1).sum(1)
+                assert_close_bound(dgamma, terms.sum(1), 4 * u_acc * (fan_in + 4) * scale + u * terms.sum(1).abs(),
+                                   "grad_gamma")
+            return
+        out = r if which == "weight_standardize" else r[0]
+        assert out.shape == w.shape and out.dtype == dtype
+        if which == "weight_standardize_forward":
+            assert [list(t.shape) for t in r[1:]] == [[O]] * 2 and r[1].dtype == acc and r[2].dtype == acc
+        if out.device.type == "meta":
+            return
+        ws = ws_reference(w.double(), None if gamma is None else gamma.double(), None if beta is None else beta.double(),
+                          eps)
+        assert_close_bound(out, ws["out"], ws_weight_bound(ws, u_acc, u), f"{which} output")
+
+    check_block_named(result, valid, [t for t in (w, gamma, beta) if t is not None] if which != "weight_standardize_backward"
+                      else [dy, w, mean, rstd, gamma], which, ("weight_standardize",), compare)
+
+
+def check_block_named(result, valid, tensors, op, names, compare):
+    """check_block for ops whose errors name `names`."""
+    mixed = len({t.device.type for t in tensors if t is not None}) > 1
+    if not valid or mixed:
+        check_clean_error(result, (op, *names))
+        return
+    assert not isinstance(result, Raised), f"{op} on valid arguments {result!r}"
+    compare(result)
+
+
 # Every public op has a case above (checked by tests/test_fuzz.py against the registered ops).
 FUZZED_OPS = {
     "linear": test_linear_op, "conv": test_conv_ops, "conv_transpose": test_conv_ops,
@@ -1249,9 +1493,11 @@ FUZZED_OPS = {
     "batch_norm_update_stats": test_batch_norm_update_stats_op, "batch_norm_normalize": test_batch_norm_normalize_op,
     "layer_norm": test_layer_norm_ops, "layer_norm_normalize": test_layer_norm_ops,
     "layer_norm_backward": test_layer_norm_backward_op,
+    **{n: test_weight_standardize_ops for n in ("weight_standardize", "weight_standardize_forward",
+                                                "weight_standardize_backward")},
 }
 FUZZED_LAYERS = {
     "Linear": test_linear_layer, **{n: test_conv_layers for n in CONVS},
     **{n: test_batch_norm_layers for n in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")},
-    "LayerNorm": test_layer_norm_layer,
+    "LayerNorm": test_layer_norm_layer, **{n: test_weight_standardized_layers for n in WS_LAYERS},
 }

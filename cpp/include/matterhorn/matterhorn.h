@@ -12,5 +12,6 @@
 #include "matterhorn/snn/linear.h"
 #include "matterhorn/snn/normalization.h"
 #include "matterhorn/snn/step_mode.h"
+#include "matterhorn/snn/weight_standardization.h"
 #include "matterhorn/serialize.h"
 #include "matterhorn/version.h"

@@ -75,7 +75,7 @@ void check_weight_standardize(
       weight.sym_sizes());
   TORCH_CHECK_VALUE(
       fan_in(weight) != 1, kOp, ": an unbiased variance needs 2 or more weights per output channel; got a "
-      "weight ", weight.sym_sizes(), " with 1 (fan_in = 1)");
+      "weight ", weight.sym_sizes(), " (fan_in = 1)");
   for (const auto& [param, name] : {std::pair{&gamma, "gamma"}, std::pair{&beta, "beta"}}) {
     if (defined(*param)) check_per_channel(kOp, weight, **param, name, weight.scalar_type());
   }

@@ -12,6 +12,7 @@
 #include "matterhorn/snn/fuse.h"
 #include "matterhorn/snn/linear.h"
 #include "matterhorn/snn/normalization.h"
+#include "matterhorn/snn/weight_standardization.h"
 #include "matterhorn/version.h"
 #include "python/dlpack_capsule.h"
 
@@ -77,34 +78,67 @@ snn::StepMode step_mode(bool multi_time_step) {
   return multi_time_step ? snn::StepMode::kMulti : snn::StepMode::kSingle;
 }
 
-// Conv1d/2d/3d with the Python class's arguments (sizes as lists; padding a list or a string).
+using ConvPadding = std::variant<std::string, std::vector<int64_t>>;
+
+// ConvOptions<D> or WSConvOptions<D> from the Python class's arguments (sizes as lists; padding a
+// list or 'same' / 'valid').
+template <typename Options, size_t D>
+Options conv_options(
+    int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
+    const std::vector<int64_t>& stride, const ConvPadding& padding, const std::vector<int64_t>& dilation,
+    int64_t groups, bool bias, const std::string& mode) {
+  Options options(in_channels, out_channels, sizes<D>(kernel_size));
+  options.stride(sizes<D>(stride)).dilation(sizes<D>(dilation)).groups(groups).bias(bias);
+  options.padding_mode(padding_mode(mode));
+  if (const auto* text = std::get_if<std::string>(&padding)) {
+    if (*text == "same") {
+      options.padding(torch::kSame);
+    } else if (*text == "valid") {
+      options.padding(torch::kValid);
+    } else {
+      throw py::value_error("padding must be 'same', 'valid' or sizes, got '" + *text + "'");
+    }
+  } else {
+    options.padding(sizes<D>(std::get<std::vector<int64_t>>(padding)));
+  }
+  return options;
+}
+
+// Conv1d/2d/3d with the Python class's arguments.
 template <typename Holder, size_t D>
 void bind_conv(py::module_& m, const char* name) {
   auto cls = py::class_<Holder>(m, name);
   cls.def(
       py::init([](int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
-                  const std::vector<int64_t>& stride, const std::variant<std::string, std::vector<int64_t>>& padding,
-                  const std::vector<int64_t>& dilation, int64_t groups, bool bias, const std::string& mode) {
-        snn::ConvOptions<D> options(in_channels, out_channels, sizes<D>(kernel_size));
-        options.stride(sizes<D>(stride)).dilation(sizes<D>(dilation)).groups(groups).bias(bias);
-        options.padding_mode(padding_mode(mode));
-        if (const auto* text = std::get_if<std::string>(&padding)) {
-          if (*text == "same") {
-            options.padding(torch::kSame);
-          } else if (*text == "valid") {
-            options.padding(torch::kValid);
-          } else {
-            throw py::value_error("padding must be 'same', 'valid' or sizes, got '" + *text + "'");
-          }
-        } else {
-          options.padding(sizes<D>(std::get<std::vector<int64_t>>(padding)));
-        }
-        return Holder(options);
+                  const std::vector<int64_t>& stride, const ConvPadding& padding, const std::vector<int64_t>& dilation,
+                  int64_t groups, bool bias, const std::string& mode) {
+        return Holder(conv_options<snn::ConvOptions<D>, D>(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, mode));
       }),
       py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
       py::arg("stride") = std::vector<int64_t>{1}, py::arg("padding") = std::vector<int64_t>{0},
       py::arg("dilation") = std::vector<int64_t>{1}, py::arg("groups") = 1, py::arg("bias") = true,
       py::arg("padding_mode") = "zeros");
+  bind_module_tensors<Holder>(cls);
+}
+
+// WSConv1d/2d/3d: Conv's arguments, then affine and eps.
+template <typename Holder, size_t D>
+void bind_ws_conv(py::module_& m, const char* name) {
+  auto cls = py::class_<Holder>(m, name);
+  cls.def(
+      py::init([](int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
+                  const std::vector<int64_t>& stride, const ConvPadding& padding, const std::vector<int64_t>& dilation,
+                  int64_t groups, bool bias, const std::string& mode, bool affine, double eps) {
+        return Holder(conv_options<snn::WSConvOptions<D>, D>(
+                          in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, mode)
+                          .affine(affine)
+                          .eps(eps));
+      }),
+      py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
+      py::arg("stride") = std::vector<int64_t>{1}, py::arg("padding") = std::vector<int64_t>{0},
+      py::arg("dilation") = std::vector<int64_t>{1}, py::arg("groups") = 1, py::arg("bias") = true,
+      py::arg("padding_mode") = "zeros", py::arg("affine") = true, py::arg("eps") = 1e-6);
   bind_module_tensors<Holder>(cls);
 }
 
@@ -228,6 +262,17 @@ PYBIND11_MODULE(_C, m) {
   python::bind_conv<snn::Conv1d, 1>(m, "Conv1d");
   python::bind_conv<snn::Conv2d, 2>(m, "Conv2d");
   python::bind_conv<snn::Conv3d, 3>(m, "Conv3d");
+  python::bind_ws_conv<snn::WSConv1d, 1>(m, "WSConv1d");
+  python::bind_ws_conv<snn::WSConv2d, 2>(m, "WSConv2d");
+  python::bind_ws_conv<snn::WSConv3d, 3>(m, "WSConv3d");
+  auto ws_linear = py::class_<snn::WSLinear>(m, "WSLinear");
+  ws_linear.def(
+      py::init([](int64_t in_features, int64_t out_features, bool bias, bool affine, double eps) {
+        return snn::WSLinear(snn::WSLinearOptions(in_features, out_features).bias(bias).affine(affine).eps(eps));
+      }),
+      py::arg("in_features"), py::arg("out_features"), py::arg("bias") = true, py::arg("affine") = true,
+      py::arg("eps") = 1e-6);
+  python::bind_module_tensors<snn::WSLinear>(ws_linear);
   python::bind_conv_transpose<snn::ConvTranspose1d, 1>(m, "ConvTranspose1d");
   python::bind_conv_transpose<snn::ConvTranspose2d, 2>(m, "ConvTranspose2d");
   python::bind_conv_transpose<snn::ConvTranspose3d, 3>(m, "ConvTranspose3d");
