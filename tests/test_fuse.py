@@ -167,9 +167,11 @@ def test_layers_that_are_not_plain_are_left_alone():
         def forward(self, o):
             return self._conv_forward(o, self.weight * 2)
 
-    model = randomise_statistics(nn.Sequential(ScaledConv(2, 4, 3), snn.BatchNorm2d(4))).eval()
-    fused = mth.fuse(model)
-    assert isinstance(fused[1], snn.BatchNorm2d)
+    for layer in [ScaledConv(2, 4, 3), snn.WSConv2d(2, 4, 3), snn.WSLinear(2, 4)]:
+        model = randomise_statistics(nn.Sequential(layer, snn.BatchNorm2d(4))).eval()
+        fused = mth.fuse(model)
+        assert isinstance(fused[1], snn.BatchNorm2d) and fused[0].weight.data_ptr() != layer.weight.data_ptr()
+        assert torch.equal(fused[0].weight, layer.weight)
     # A BatchNorm over other channels than the layer's outputs is not a pair either.
     model = nn.Sequential(snn.Linear(4, 6), snn.BatchNorm1d(3)).eval()
     assert isinstance(mth.fuse(model)[1], snn.BatchNorm1d)
