@@ -487,3 +487,16 @@ def test_empty_time_batch_or_positions_are_torch_nns_empty_results(shape):
             torch.testing.assert_close(weights, expected_weights.unflatten(0, shape[1:3]))
         output.sum().backward()
         assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_computes_as_torch_nn_does(input_dtype):
+    ours, reference = layers(dict(), dtype=torch.float32)
+    x = torch.randn(3, 2, 4, 8).to(input_dtype)
+    folded = x.flatten(1, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, weights = ours(x, x, x)
+        expected, expected_weights = reference(folded, folded, folded)
+    assert output.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(output, expected.unflatten(1, (2, 4)))
+    torch.testing.assert_close(weights, expected_weights.unflatten(0, (2, 4)))

@@ -64,7 +64,7 @@ class MultiheadAttention(Module, nn.MultiheadAttention):
         if x.device != weight.device:
             raise ValueError(f"MultiheadAttention: the {name} is on {x.device} but the layer's weight is on "
                              f"{weight.device}; move one of them with .to(device)")
-        if x.dtype != weight.dtype:
+        if x.dtype != weight.dtype and (torch.jit.is_scripting() or not self._autocasting(x)):
             raise TypeError(f"MultiheadAttention: the {name}'s dtype {x.dtype} does not match the layer's weight "
                             f"dtype {weight.dtype}; cast the {name} or call .to({x.dtype}) on the layer")
         if x.dim() < 2 or x.shape[-1] != features:
@@ -82,6 +82,11 @@ class MultiheadAttention(Module, nn.MultiheadAttention):
             if x.shape[:time] + x.shape[time + 1:-1] != query.shape[:time] + query.shape[time + 1:-1]:
                 raise ValueError(f"{self._describe()}: the {name} {list(x.shape)} must have the query's batch and "
                                  f"extra sizes (query {list(query.shape)}, time at dimension {time})")
+
+    @torch.jit.unused
+    def _autocasting(self, x: torch.Tensor) -> bool:
+        """Under autocast torch.nn casts the input and the weights itself (not in TorchScript)."""
+        return torch.is_autocast_enabled(x.device.type)
 
     def _check_mask(self, name: str, mask: Optional[torch.Tensor], query: torch.Tensor) -> None:
         if mask is not None:
