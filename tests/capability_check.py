@@ -4,7 +4,7 @@ AVX2 or AVX-512). Prints the capability that ran, then "ok"; an assertion error 
 (SIGILL: an instruction the CPU lacks) fails the test.
 
 Sizes are chosen so that every loop runs a vector body and a scalar tail at every vector width
-(16, 32 and 64 bytes): 37 channels, 5 x 7 positions, rows of 70 and 3 values."""
+(16, 32 and 64 bytes): 37 channels, 5 x 7 positions, rows of 70 and 3 values, 1470 spikes."""
 
 import sys
 
@@ -45,6 +45,21 @@ def check_against_float64(layer, twin, x, fold, dtype, what):
             close(b, b64, torch.float32 if dtype != torch.float64 else dtype, f"{what}: {name}")
 
 
+def check_spike_pack(dtype):
+    """pack_spikes / unpack_spikes: 1470 values, whole 64-value words and a tail at every vector width."""
+    x = (torch.rand(3, 70, 7) < 0.4).to(dtype)
+    bits, _ = torch.ops.matterhorn.pack_spikes(x)
+    ones = nn.functional.pad((x.flatten() == 1).long(), (0, -x.numel() % 8)).view(-1, 8)
+    assert torch.equal(bits, (ones << torch.arange(8)).sum(1).to(torch.uint8)), f"pack_spikes {dtype}"
+    assert torch.equal(torch.ops.matterhorn.unpack_spikes(bits, None, x.shape, x.stride(), dtype), x)
+    x[1, 3, 2] = 0.5  # in a vector body
+    try:
+        torch.ops.matterhorn.pack_spikes(x)
+    except ValueError:
+        return
+    raise AssertionError(f"pack_spikes {dtype} took 0.5 for a spike")
+
+
 def main():
     torch.manual_seed(0)
     print(mth._C.cpu_capability(), flush=True)
@@ -71,6 +86,7 @@ def main():
                 layer.bias.uniform_(-1, 1)
             check_against_float64(layer, nn.LayerNorm(size), torch.randn(3, 4, 6, size) * 2 + 1, False, dtype,
                                   f"LayerNorm({size}) {dtype}")
+        check_spike_pack(dtype)
     print("ok", flush=True)
 
 
