@@ -166,7 +166,8 @@ def test_masks_in_the_inputs_terms(case, mask_dtype, need_weights, average, batc
     else:
         assert weights is None
     grad = torch.randn_like(output)
-    torch.testing.assert_close(torch.autograd.grad(output, query, grad)[0], torch.autograd.grad(expected, query, grad)[0])
+    torch.testing.assert_close(torch.autograd.grad(output, query, grad)[0],
+                               torch.autograd.grad(expected, query, grad)[0])
 
 
 def test_attn_mask_in_torch_nn_folded_form_and_per_head_form_agree():
@@ -291,8 +292,8 @@ class SelfAttention(nn.Module):
         self.attention = MultiheadAttention(8, 2, batch_first=batch_first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = torch.ones(x.shape[1 if self.attention.batch_first else 0], x.shape[1 if self.attention.batch_first else 0],
-                          dtype=torch.bool, device=x.device).triu(1)
+        steps = x.shape[1 if self.attention.batch_first else 0]
+        mask = torch.ones(steps, steps, dtype=torch.bool, device=x.device).triu(1)
         output, weights = self.attention(x, x, x, attn_mask=mask)
         assert weights is not None
         return output + weights.mean()
@@ -381,7 +382,10 @@ def test_export_with_dynamic_time_and_batch_runs_atens_attention(need_weights, b
 
     model = Model().eval()
     T, B = torch.export.Dim("T", min=2), torch.export.Dim("B", min=2)
-    steps = lambda T_, B_: torch.randn((B_, T_, 2, 8) if batch_first else (T_, B_, 2, 8), dtype=torch.float64)  # noqa: E731
+
+    def steps(T_, B_):
+        return torch.randn((B_, T_, 2, 8) if batch_first else (T_, B_, 2, 8), dtype=torch.float64)
+
     exported = torch.export.export(model, (steps(4, 3), padding_mask((3, 4), torch.bool)),
                                    dynamic_shapes=({1: T, 0: B} if batch_first else {0: T, 1: B}, {0: B, 1: T}))
     targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
@@ -463,7 +467,8 @@ def test_cpp_module_initialisation_repr_and_errors():
         mth._C.MultiheadAttention(8, 3)
     layer = mth._C.MultiheadAttention(8, 2)
     x = torch.randn(4, 2, 3, 8)
-    with pytest.raises(ValueError, match=NAME + r"expected the query \[T, B, \.\.\., 8\] \(or \[T, 8\]\); got \[4, 3, 7\]"):
+    with pytest.raises(ValueError, match=NAME + r"expected the query \[T, B, \.\.\., 8\] \(or \[T, 8\]\); "
+                                                r"got \[4, 3, 7\]"):
         cpp_forward(layer, torch.randn(4, 3, 7))
     with pytest.raises(ValueError, match=NAME + r"expected key_padding_mask \[2, 3, 4\] \(\[B, \.\.\., S\]\) or "
                                                 r"\[2, 4\] \(\[B, S\]\); got \[2, 3, 5\]"):

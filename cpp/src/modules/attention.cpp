@@ -142,7 +142,8 @@ std::tuple<at::Tensor, at::Tensor> MultiheadAttentionImpl::forward(
   }
   TORCH_CHECK_VALUE(key.sizes().slice(0, key.dim() - 1) == value.sizes().slice(0, value.dim() - 1), layer,
                     ": key ", key.sizes(), " and value ", value.sizes(), " must have the same sizes but the last");
-  for (const auto& [name, mask] : {std::pair{"key_padding_mask", &key_padding_mask}, std::pair{"attn_mask", &attn_mask}}) {
+  for (const auto& [name, mask] :
+       {std::pair{"key_padding_mask", &key_padding_mask}, std::pair{"attn_mask", &attn_mask}}) {
     if (!mask->defined()) continue;
     TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool || mask->is_floating_point(), "MultiheadAttention: ", name,
                      " must be bool or floating point, got ", dtype_name(mask->scalar_type()));
@@ -154,7 +155,9 @@ std::tuple<at::Tensor, at::Tensor> MultiheadAttentionImpl::forward(
 
   // Fold [T, B, ..., C] into torch.nn's [T, B*N, C]; [T, C] is one sequence, [T, 1, C].
   const bool unbatched = query.dim() == 2;
-  const auto time_first = [&](const at::Tensor& x) { return options.batch_first() && !unbatched ? x.transpose(0, 1) : x; };
+  const auto time_first = [&](const at::Tensor& x) {
+    return options.batch_first() && !unbatched ? x.transpose(0, 1) : x;
+  };
   const at::Tensor q_steps = time_first(query);
   const std::vector<int64_t> batch = unbatched ? std::vector<int64_t>{} : sequence_sizes(q_steps, 0);
   const auto fold = [&](const at::Tensor& x) { return unbatched ? x.unsqueeze(1) : x.flatten(1, -2); };
