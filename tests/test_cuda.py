@@ -133,3 +133,48 @@ def test_per_step_batch_norm_2d_on_cuda_equals_a_loop(layout):
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours.running_mean, reference.running_mean, rtol=1e-4, atol=1e-4)
     assert int(ours.num_batches_tracked) == 4 == int(reference.num_batches_tracked)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name,kwargs,shape", [
+    ("WSLinear", dict(in_features=33, out_features=17), (3, 5, 33)),
+    ("WSConv2d", dict(in_channels=3, out_channels=8, kernel_size=3, padding=1, groups=1), (3, 4, 3, 9, 11)),
+    ("WSConv1d", dict(in_channels=4, out_channels=6, kernel_size=4, padding="same", groups=2), (2, 3, 4, 13)),
+])
+def test_weight_standardized_layers_on_cuda(name, kwargs, shape, dtype, layout):
+    """Against torch.nn's layer on the folded tensor with the weight standardised by torch ops in
+    float32 (matterhorn 2.0.0's formula, mean and variance detached): output, input, weight,
+    gamma and bias gradients."""
+    ours = getattr(mth.snn, name)(**kwargs, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        ours.gamma.uniform_(0.5, 1.5)
+        ours.beta.uniform_(-0.5, 0.5)
+    if layout == "channels_last" and ours.weight.dim() == 4:
+        ours = ours.to(memory_format=torch.channels_last)  # the op keeps the weight's strides
+        assert ours.standardized_weight().stride() == ours.weight.stride()
+    twin = getattr(nn, name[2:])(**kwargs, device=DEVICE, dtype=dtype)
+    twin.load_state_dict({k: v for k, v in ours.state_dict().items() if k in ("weight", "bias")})
+    gamma = ours.gamma.detach().clone().requires_grad_()
+
+    def reference(x):
+        w = twin.weight
+        per_channel = (-1,) + (1,) * (w.dim() - 1)
+        var, mean = torch.var_mean(w.detach().float().flatten(1), dim=1)
+        scale = gamma.float() / ((var * w[0].numel()).sqrt() + ours.eps)
+        weight = (w.float() - mean.view(per_channel)) * scale.view(per_channel) + ours.beta.float().view(per_channel)
+        return torch.func.functional_call(twin, {"weight": weight.to(dtype), "bias": twin.bias}, (x,))
+
+    x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = ours(x_ours), fold(reference, x_ref)
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(y.float(), y_ref.float(), **tolerance)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    for what, a, b in [("input", x_ours.grad, x_ref.grad), ("weight", ours.weight.grad, twin.weight.grad),
+                       ("gamma", ours.gamma.grad, gamma.grad), ("bias", ours.bias.grad, twin.bias.grad)]:
+        scale = b.float().abs().max().item()  # gamma sums a channel's terms: relative to the largest
+        torch.testing.assert_close(a.float(), b.float(), rtol=tolerance["rtol"], atol=tolerance["atol"] * max(1.0, scale),
+                                   msg=lambda m: f"{what}: {m}")
