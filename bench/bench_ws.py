@@ -71,7 +71,26 @@ def ws_case(description, name, kwargs, shape):
     return Case(f"{label} fwd+bwd", training_step(ours, ours, x_ours), training_step(fold, fold, x_fold))
 
 
+def standardization_alone(out, fan_in):
+    """The weight's part of a step alone: standardise [out, fan_in] and back-propagate into the
+    weight and gamma (ours: the op; fold: TorchWS's torch ops)."""
+    torch.manual_seed(0)
+    layer = TorchWS(nn.Linear(fan_in, out), 1e-6)
+    weight, gamma, beta = layer.twin.weight, layer.gamma, layer.beta
+    grad = torch.randn(out, fan_in)
+
+    def ours():
+        torch.ops.matterhorn.weight_standardize(weight, gamma, beta, 1e-6).backward(grad)
+
+    def fold():
+        var, mean = torch.var_mean(weight.detach(), dim=1)
+        scale = gamma / ((var * fan_in).sqrt() + 1e-6)
+        torch.addcmul(beta.view(-1, 1), weight - mean.view(-1, 1), scale.view(-1, 1)).backward(grad)
+
+    return Case(f"weight standardisation alone, [{out}, {fan_in}] fwd+bwd", ours, fold)
+
+
 if __name__ == "__main__":
     if QUICK:
         torch.set_num_threads(1)
-    main("Weight-standardised layers, CPU", [ws_case(*case) for case in CASES])
+    main("Weight-standardised layers, CPU", [ws_case(*case) for case in CASES] + [standardization_alone(512, 2048)])
