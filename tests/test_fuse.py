@@ -172,6 +172,18 @@ def test_layers_that_are_not_plain_are_left_alone():
         fused = mth.fuse(model)
         assert isinstance(fused[1], snn.BatchNorm2d) and fused[0].weight.data_ptr() != layer.weight.data_ptr()
         assert torch.equal(fused[0].weight, layer.weight)
+    class StepScaled(snn.BatchNorm2d):  # a BatchNorm that does more than x * scale + shift
+        def forward(self, input):
+            return super().forward(input) * 2
+
+    class Initialised(snn.BatchNorm2d):  # another initialisation only: folds
+        pass
+
+    model = randomise_statistics(nn.Sequential(snn.Conv2d(2, 4, 3), StepScaled(4), Initialised(4))).eval()
+    fused = mth.fuse(model)
+    assert isinstance(fused[1], StepScaled) and isinstance(fused[2], Initialised)
+    model = randomise_statistics(nn.Sequential(snn.Conv2d(2, 4, 3), Initialised(4))).eval()
+    assert isinstance(mth.fuse(model)[1], nn.Identity)
     # A BatchNorm over other channels than the layer's outputs is not a pair either.
     model = nn.Sequential(snn.Linear(4, 6), snn.BatchNorm1d(3)).eval()
     assert isinstance(mth.fuse(model)[1], snn.BatchNorm1d)

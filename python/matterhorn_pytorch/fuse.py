@@ -29,6 +29,19 @@ def _output_channels(layer: nn.Module) -> Optional[int]:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
+def _plain_batch_norm(module: nn.Module) -> bool:
+    """A BatchNorm whose eval is ``x * scale + shift`` per channel: torch.nn's or ours, or a
+    subclass that changes no forward (an initialisation), with per-channel parameters and
+    statistics. A temporal one (a scale per step, statistics per step) is not."""
+    from .snn.synapse import _BatchNorm as _OurBatchNorm
+
+    if not isinstance(module, _BatchNorm):
+        return False
+    if type(module).forward not in (_BatchNorm.forward, _OurBatchNorm.forward, nn.SyncBatchNorm.forward):
+        return False
+    return all(t is None or t.dim() == 1 for t in (module.weight, module.bias, module.running_mean, module.running_var))
+
+
 def _scale_and_shift(bn: _BatchNorm, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BatchNorm as ``x * scale + shift`` per channel, in float64."""
     if bn.running_mean is None or bn.running_var is None:
@@ -73,7 +86,7 @@ def _fuse_sequential(sequential: nn.Sequential, prefix: str) -> None:
         channels = _output_channels(layer)
         # A BatchNorm over another dimension than the layer's channels (a Linear on [T, B, N, F]
         # before a BatchNorm1d(N)) is not a per-channel affine of the layer's output.
-        if channels is None or not isinstance(bn, _BatchNorm) or bn.num_features != channels:
+        if channels is None or not _plain_batch_norm(bn) or bn.num_features != channels:
             continue
         _fold(layer, bn, prefix + next_name)
         sequential._modules[next_name] = nn.Identity()
@@ -83,7 +96,8 @@ def fuse(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for inference in which each BatchNorm (ours or torch.nn's) that directly
     follows a Linear, Conv1d/2d/3d or ConvTranspose1d/2d/3d (ours or torch.nn's) in an
     ``nn.Sequential`` (nested ones included) is folded into that layer's weight and bias and
-    replaced by ``nn.Identity`` (so the other layers keep their names). ``model`` must be in eval
+    replaced by ``nn.Identity`` (so the other layers keep their names). A layer or BatchNorm
+    subclass that overrides forward (a derived weight, a per-step scale) is not a pair. ``model`` must be in eval
     mode and is not changed. A BatchNorm without running statistics (``track_running_stats=False``)
     in such a pair is refused with a ``ValueError``: eval normalises it with batch statistics.
     A bias-free layer gets a bias. The fold is computed in float64 and cast to the layer's dtype."""
