@@ -78,7 +78,8 @@ struct PackedInput {
   }
 };
 
-// Linear: grad_input = grad @ W, grad_weight = (x^T @ grad)^T, grad_bias = grad summed to [O].
+// Linear: grad_input = grad @ W, grad_weight = grad^T @ x, grad_bias = grad summed to [O] (AddmmBackward0's
+// calls for addmm(bias, x, W^T): W^T is column-major).
 struct SpikeLinearBackward final : torch::autograd::Node {
   PackedInput input;
   SavedVariable weight;
@@ -102,7 +103,7 @@ struct SpikeLinearBackward final : torch::autograd::Node {
     const at::Tensor grad = rows(grads[0]);
     at::Tensor grad_input, grad_weight, grad_bias;
     if (need_input) grad_input = grad.mm(weight.unpack()).view_symint(input.size);
-    if (need_weight) grad_weight = rows(input.unpack(true)).t().mm(grad).t();
+    if (need_weight) grad_weight = grad.t().mm(rows(input.unpack(true)));
     if (need_bias) grad_bias = at::sum_to(grad, {grad.sym_size(1)});
     return {grad_input, grad_weight, grad_bias};
   }
