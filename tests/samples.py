@@ -285,11 +285,14 @@ def _bn_stats(x, groups):
     return xs.mean(-1), xs.var(-1, unbiased=False)
 
 
-def _bn_elemt(x, mean, var, weight, bias, eps, groups):
+# Per-(group, channel) values are [G, C] or shared ([C], [1, C]): t[..., None] broadcasts over
+# [G, C, values] either way; a scale is [G].
+def _bn_elemt(x, mean, var, weight, bias, eps, groups, scale=None):
     xs = _per_group(x, groups)
     y = (xs - mean[..., None]) * (var[..., None] + eps).rsqrt()
-    y = y * weight[:, None] if weight is not None else y
-    y = y + bias[:, None] if bias is not None else y
+    y = y * weight[..., None] if weight is not None else y
+    y = y + bias[..., None] if bias is not None else y
+    y = y * scale[:, None, None] if scale is not None else y
     return (_from_groups(y, x),)
 
 
@@ -298,45 +301,62 @@ def _bn_backward_reduce(dy, x, mean, groups):
     return dys.sum(-1), (dys * (xs - mean[..., None])).sum(-1)
 
 
-def _bn_backward_elemt(dy, x, mean, var, weight, sum_dy, sum_dy_xmu, eps, count, groups):
+def _bn_backward_elemt(dy, x, mean, var, weight, sum_dy, sum_dy_xmu, eps, count, groups, scale=None):
     dys, xs = _per_group(dy, groups), _per_group(x, groups)
+    dys = dys * scale[:, None, None] if scale is not None else dys
     invstd = (var[..., None] + eps).rsqrt()
     dx = (dys - sum_dy[..., None] / count - (xs - mean[..., None]) * invstd ** 2 * sum_dy_xmu[..., None] / count) * invstd
-    dx = dx * weight[:, None] if weight is not None else dx
+    dx = dx * weight[..., None] if weight is not None else dx
     return (_from_groups(dx, x),)
 
 
 def _bn_update_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum):
-    """One torch.nn BatchNorm update per group, in order: the unbiased variance of count values."""
+    """[C] running statistics: one torch.nn BatchNorm update per group, in order; [G, C] ones: row g
+    from group g, one batch counted. The unbiased variance of count values."""
+    rows = running_mean.dim() == 2
     with torch.no_grad():
-        for g in range(mean.shape[0]):
+        for g in range(1 if rows else mean.shape[0]):
             if num_batches_tracked is not None:
                 num_batches_tracked += 1
             factor = momentum if momentum is not None else 1 / int(num_batches_tracked)
-            running_mean.mul_(1 - factor).add_(factor * mean[g])
-            running_var.mul_(1 - factor).add_(factor * var[g] * count / (count - 1))
+            m, v = (mean, var) if rows else (mean[g], var[g])
+            running_mean.mul_(1 - factor).add_(factor * m)
+            running_var.mul_(1 - factor).add_(factor * v * count / (count - 1))
     return ()
 
 
-def _bn_normalize(x, weight, bias, running_mean, running_var, batch_statistics, eps, groups):
+def _bn_normalize(x, weight, bias, running_mean, running_var, batch_statistics, eps, groups, scale=None):
+    steps = groups if scale is None else scale.shape[0]
     if batch_statistics:
         mean, var = _bn_stats(x, groups)
     else:
-        mean, var = running_mean.expand(groups, -1), running_var.expand(groups, -1)
-    y = _bn_elemt(x, mean, var, weight, bias, eps, groups)[0]
+        mean, var = running_mean.reshape(-1, x.shape[1]), running_var.reshape(-1, x.shape[1])
+    y = _bn_elemt(x, mean, var, weight, bias, eps, steps, scale)[0]
     return (y, mean, var) if batch_statistics else (y, x.new_empty(0), x.new_empty(0))
 
 
-def _bn_layer(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, num_features,
-              dims, multi_step_mode, per_step=False, batch_first=False):
+def _bn_core(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, groups=1,
+             scale=None):
+    """The core op on the folded tensor, in formulas: statistics per group, the update of
+    _bn_update_stats, the element pass per scale group."""
+    batch_statistics = training or running_mean is None
+    y, mean, var = _bn_normalize(x, weight, bias, running_mean, running_var, batch_statistics, eps, groups, scale)
+    if training and running_mean is not None:
+        _bn_update_stats(mean, var, x.numel() // mean.numel(), running_mean, running_var, num_batches_tracked,
+                         momentum)
+    return (y,)
+
+
+def _bn_layer(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, layer,
+              num_features, multi_step_mode, per_step=False, batch_first=False):
     """torch.nn's BatchNorm on the folded tensor (per step: one call per time step)."""
-    layer = getattr(torch.nn, f"BatchNorm{dims}d")(num_features, eps=eps, momentum=momentum, affine=False,
-                                                   track_running_stats=running_mean is not None, dtype=x.dtype)
+    nn_layer = getattr(torch.nn, layer)(num_features, eps=eps, momentum=momentum, affine=False,
+                                        track_running_stats=running_mean is not None, dtype=x.dtype)
     with torch.no_grad():
         if running_mean is not None:
-            layer.running_mean, layer.running_var = running_mean, running_var  # updated in place, as ours
-            layer.num_batches_tracked = num_batches_tracked if num_batches_tracked is not None else torch.tensor(0)
-    layer.train(training)
+            nn_layer.running_mean, nn_layer.running_var = running_mean, running_var  # updated in place, as ours
+            nn_layer.num_batches_tracked = num_batches_tracked if num_batches_tracked is not None else torch.tensor(0)
+    nn_layer.train(training)
 
     def affine(y):
         shape = (-1,) + (1,) * (y.dim() - 2)
@@ -344,17 +364,18 @@ def _bn_layer(x, weight, bias, running_mean, running_var, num_batches_tracked, t
         return y + bias.view(shape) if bias is not None else y
 
     if not multi_step_mode:
-        return (affine(layer(x)),)
+        return (affine(nn_layer(x)),)
     steps = x.transpose(0, 1) if batch_first else x  # [T, B, ...]
     if per_step:
-        y = torch.stack([affine(layer(step)) for step in steps])
+        y = torch.stack([affine(nn_layer(step)) for step in steps])
     else:
-        y = affine(layer(steps.flatten(0, 1))).unflatten(0, steps.shape[:2])
+        y = affine(nn_layer(steps.flatten(0, 1))).unflatten(0, steps.shape[:2])
     return (y.transpose(0, 1) if batch_first else y,)
 
 
-def _running(C, device="cpu", dtype=torch.float32):
-    return (make(C, dtype=dtype, device=device) * 0.1, make(C, dtype=dtype, device=device, positive=True),
+def _running(C, device="cpu", dtype=torch.float32, groups=None):
+    rows = (C,) if groups is None else (groups, C)
+    return (make(*rows, dtype=dtype, device=device) * 0.1, make(*rows, dtype=dtype, device=device, positive=True),
             torch.tensor(3, device=device))
 
 
@@ -382,33 +403,62 @@ def _several(function):
 
 
 _C = 3
+# One list for every BatchNorm op: the layer op, the core (groups, per-group parameters and
+# running statistics, a scale), and the building blocks.
 BATCH_NORM_SAMPLES = [
-    _sample("batch_norm", _bn_layer, 2 * 4 * 25, "training-2d",
+    _sample("batch_norm_layer", _bn_layer, 2 * 4 * 25, "training-2d",
             _t(2, 4, _C, 5, 5, grad=True), _t(_C, grad=True), _t(_C, grad=True), _several(lambda d: _running(_C, d)),
-            True, 0.1, 1e-5, _C, 2, True, False, False),
-    _sample("batch_norm", _bn_layer, 2 * 5, "per-step-batch-first-cumulative-no-affine",
+            True, 0.1, 1e-5, "BatchNorm2d", _C, True, False, False),
+    _sample("batch_norm_layer", _bn_layer, 2 * 5, "per-step-batch-first-cumulative-no-affine",
             _t(2, 4, _C, 5, grad=True), None, None, _several(lambda d: _running(_C, d)),
-            True, None, 1e-5, _C, 1, True, True, True),
-    _sample("batch_norm", _bn_layer, 4 * 6, "eval-single-step",
+            True, None, 1e-5, "BatchNorm1d", _C, True, True, True),
+    _sample("batch_norm_layer", _bn_layer, 4 * 6, "eval-single-step",
             _t(4, _C, 6, grad=True), _t(_C), _t(_C), _several(lambda d: _running(_C, d)),
-            False, 0.1, 1e-5, _C, 1, False, False, False),
+            False, 0.1, 1e-5, "BatchNorm1d", _C, False, False, False),
+    _sample("batch_norm", _bn_core, 8 * 25, "training",
+            _t(8, _C, 5, 5, grad=True), _t(_C, grad=True), _t(_C, grad=True), _several(lambda d: _running(_C, d)),
+            True, 0.1, 1e-5, 1),
+    _sample("batch_norm", _bn_core, 4 * 5, "2-groups-cumulative-no-affine",
+            _t(8, _C, 5, grad=True), None, None, _several(lambda d: _running(_C, d)), True, None, 1e-5, 2),
+    _sample("batch_norm", _bn_core, 6 * 4, "scale-per-group",
+            _t(6, _C, 4, grad=True), _t(_C, grad=True), _t(_C, grad=True), _several(lambda d: _running(_C, d)),
+            True, 0.1, 1e-5, 1, _t(3, grad=True)),
+    _sample("batch_norm", _bn_core, 2 * 4, "per-group-weight-and-running-statistics",
+            _t(6, _C, 4, grad=True), _t(3, _C, grad=True), None, _several(lambda d: _running(_C, d, groups=3)),
+            True, 0.1, 1e-5, 3),
+    _sample("batch_norm", _bn_core, 1, "per-group-eval-scaled",
+            _t(6, _C, 2, grad=True), _t(3, _C, grad=True), _t(3, _C, grad=True),
+            _several(lambda d: _running(_C, d, groups=3)), False, 0.1, 1e-5, 3, _t(3, grad=True)),
     _sample("batch_norm_normalize", _bn_normalize, 4 * 4 * 4, "batch-statistics",
             _t(8, _C, 4, 4, grad=True), _t(_C, grad=True), _t(_C, grad=True), None, None, True, 1e-5, 2),
     _sample("batch_norm_normalize", _bn_normalize, 1, "running-statistics-float64",
             _t(8, _C, grad=True, dtype=torch.float64), _t(_C, dtype=torch.float64), None,
             _t(_C, dtype=torch.float64), _t(_C, dtype=torch.float64, positive=True), False, 1e-5, 1),
+    _sample("batch_norm_normalize", _bn_normalize, 6 * 2, "scale-float64",
+            _t(6, _C, 2, grad=True, dtype=torch.float64), _t(_C, grad=True, dtype=torch.float64),
+            _t(_C, grad=True, dtype=torch.float64), None, None, True, 1e-5, 1,
+            _t(3, grad=True, dtype=torch.float64)),
     _sample("batch_norm_stats", _bn_stats, 2 * 20, "3-groups", _t(6, _C, 4, 5), 3),
     _sample("batch_norm_elemt", _bn_elemt, 1, "2-groups", _t(6, _C, 4), _t(2, _C), _t(2, _C, positive=True), _t(_C), _t(_C),
             1e-5, 2),
     _sample("batch_norm_elemt", _bn_elemt, 1, "no-affine", _t(6, _C, 4, 3), _t(1, _C), _t(1, _C, positive=True), None, None,
             1e-3, 1),
+    _sample("batch_norm_elemt", _bn_elemt, 1, "shared-statistics-per-group-affine-scale", _t(6, _C, 4), _t(_C),
+            _t(1, _C, positive=True), _t(3, _C), _t(3, _C), 1e-5, 3, _t(3)),
     _sample("batch_norm_backward_reduce", _bn_backward_reduce, 24, "1-group", _t(6, _C, 4), _t(6, _C, 4), _t(1, _C), 1),
+    _sample("batch_norm_backward_reduce", _bn_backward_reduce, 8, "shared-mean-3-groups", _t(6, _C, 4), _t(6, _C, 4),
+            _t(_C), 3),
     _sample("batch_norm_backward_elemt", _bn_backward_elemt, 1, "3-groups",
             _t(6, _C, 4), _t(6, _C, 4), _t(3, _C), _t(3, _C, positive=True), _t(_C), _t(3, _C), _t(3, _C), 1e-5, 8, 3),
+    _sample("batch_norm_backward_elemt", _bn_backward_elemt, 1, "shared-statistics-scale",
+            _t(6, _C, 4), _t(6, _C, 4), _t(1, _C), _t(1, _C, positive=True), _t(_C), _t(1, _C), _t(1, _C), 1e-5, 24, 3,
+            _t(3)),
     _sample("batch_norm_update_stats", _bn_update_stats, 1, "2-groups",
             _t(2, _C), _t(2, _C, positive=True), 10, _several(lambda d: _running(_C, d)), 0.1),
     _sample("batch_norm_update_stats", _bn_update_stats, 1, "cumulative",
             _t(2, _C), _t(2, _C, positive=True), 10, _several(lambda d: _running(_C, d)), None),
+    _sample("batch_norm_update_stats", _bn_update_stats, 1, "rows-cumulative",
+            _t(2, _C), _t(2, _C, positive=True), 10, _several(lambda d: _running(_C, d, groups=2)), None),
 ]
 
 

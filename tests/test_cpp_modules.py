@@ -112,6 +112,39 @@ def test_cpp_batch_norm_matches_python_in_training_and_eval(case):
     torch.testing.assert_close(from_dlpack(cpp_layer.forward(to_dlpack(x))), python_layer(x))
 
 
+TEMPORAL_CASES = [
+    ("ThresholdDependentBatchNorm1d", (0.5, 2.0, 3), dict(), (4, 2, 3, 5)),
+    ("TemporalEffectiveBatchNorm2d", (3, 3), dict(momentum=None), (3, 2, 3, 4, 5)),
+    ("TemporalEffectiveBatchNorm3d", (2, 2), dict(batch_first=True), (2, 2, 2, 3, 3, 3)),
+    ("BatchNormThroughTime1d", (4, 3), dict(), (4, 2, 3)),
+    ("BatchNormThroughTime2d", (3, 3), dict(affine=False, batch_first=True), (2, 3, 3, 4, 5)),
+    ("BatchNormThroughTime3d", (2, 2), dict(track_running_stats=False), (2, 2, 2, 3, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("case", TEMPORAL_CASES, ids=lambda c: c[0])
+def test_cpp_temporal_norm_matches_python_in_training_and_eval(case):
+    name, positional, kwargs, shape = case
+    python_layer = getattr(mth.snn, name)(*positional, **kwargs)
+    cpp_layer = getattr(mth._C, name)(*positional, **kwargs)
+    cpp_state = {**cpp_layer.named_parameters(), **cpp_layer.named_buffers()}
+    assert set(cpp_state) == set(python_layer.state_dict())
+    for n, value in python_layer.state_dict().items():  # same shapes and initial values
+        assert torch.equal(from_dlpack(cpp_state[n]), value), n
+    with torch.no_grad():
+        for p in python_layer.parameters():
+            p.uniform_(0.5, 1.5)
+    cpp_layer = cpp_twin(python_layer, cpp_layer)
+    for _ in range(3):
+        x = torch.randn(shape) * 2 + 1
+        torch.testing.assert_close(from_dlpack(cpp_layer.forward(to_dlpack(x))), python_layer(x))
+    for name_, buffer in python_layer.named_buffers():
+        torch.testing.assert_close(from_dlpack(cpp_layer.named_buffers()[name_]), buffer)
+    python_layer.eval(), cpp_layer.train(False)
+    x = torch.randn(shape)
+    torch.testing.assert_close(from_dlpack(cpp_layer.forward(to_dlpack(x))), python_layer(x))
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(elementwise_affine=False), dict(bias=False)])
 def test_cpp_layer_norm_matches_python(kwargs):
     python_layer = mth.snn.LayerNorm((4, 5), **kwargs)

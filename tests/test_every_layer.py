@@ -19,6 +19,16 @@ LAYERS = sorted(
 )
 
 
+# The temporal normalizations are multi-step only; TEBN's and BNTT's T is fixed at construction.
+MULTI_STEP_ONLY = {n for n in LAYERS if n.startswith(("ThresholdDependent", "TemporalEffective", "BatchNormThroughTime"))}
+STEPS = 3
+
+
+def steps(name, T):
+    """T for an input of the layer: its own for a layer with a fixed T."""
+    return STEPS if "T" in inspect.signature(getattr(mth.snn, name)).parameters else T
+
+
 def example(name):
     """A small instance of the layer and the size of one time step's input ([B, ...] without B).
     Built from the constructor's signature, so a new layer family fails here until it is covered."""
@@ -29,6 +39,10 @@ def example(name):
         return cls(6, 4), (6,)
     if "kernel_size" in parameters:
         return cls(2, 4, 3, padding=1), (2, *spatial)
+    if "v_th" in parameters:  # tdBN: (alpha, v_th, num_features)
+        return cls(0.5, 2.0, 3), (3, *spatial)
+    if "T" in parameters:  # TEBN, BNTT: a fixed number of steps
+        return cls(STEPS, 3), (3, *spatial)
     if "num_features" in parameters:
         return cls(3), (3, *spatial)
     if "normalized_shape" in parameters:
@@ -64,7 +78,11 @@ def trained(layer, step):
 def test_layer_round_trips_and_runs_in_cpp(name, mode, export, tmp_path):
     layer, step = example(name)
     layer = trained(layer, step)
-    shapes = [(3, 2, *step), (2, 5, *step)] if mode == "multi-step" else [(2, *step), (5, *step)]
+    shapes = [(3, 2, *step), (steps(name, 2), 5, *step)] if mode == "multi-step" else [(2, *step), (5, *step)]
+    if mode == "single-step" and name in MULTI_STEP_ONLY:
+        with pytest.raises(ValueError, match=rf"{name}: a multi-step layer"):
+            layer.single_step_mode_()
+        return
     if mode == "single-step":
         layer.single_step_mode_()
     with warnings.catch_warnings():
@@ -85,7 +103,7 @@ def test_layer_in_a_sequential_with_torch_layers_and_a_python_neuron(name, tmp_p
     layer, step = example(name)
     model = nn.Sequential(layer, nn.Tanh(), LIF(), nn.Dropout(0.5))
     model = trained(model, step)
-    x = torch.randn(4, 3, *step)
+    x = torch.randn(steps(name, 4), 3, *step)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scripted = torch.jit.script(model)

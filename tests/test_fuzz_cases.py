@@ -1039,7 +1039,7 @@ def test_batch_norm_normalize_op(data):
 @given(data=st.data())
 def test_batch_norm_op(data):
     """The layer op directly, with argument combinations the classes never pass: one running
-    statistic without the other, num_batches_tracked of another size or dtype, dims out of range,
+    statistic without the other, num_batches_tracked of another size or dtype, a layer name of no 1d/2d/3d,
     num_features unlike the parameters, negative eps. torch's F.batch_norm on the folded input
     is the verdict; what it refuses must be a clean error."""
     seed = data.draw(seeds)
@@ -1061,10 +1061,13 @@ def test_batch_norm_op(data):
     momentum = data.draw(st.sampled_from([0.1, None, 0.5]), label="momentum")
     eps = data.draw(st.sampled_from([1e-5, 1e-5, 0.0, -1e-3]), label="eps")
     state = [None if t is None else t.clone() for t in (rm, rv, nbt)]
-    record(f"torch.ops.matterhorn.batch_norm({describe(x)}, {describe(w)}, {describe(b)}, {describe(rm)}, {describe(rv)}, "
-           f"{describe(nbt)}, training={training}, momentum={momentum}, eps={eps}, num_features={num_features}, "
-           f"dims={dims}, multi_step_mode=True)")
-    result = outcome(lambda: ops.batch_norm(x, w, b, rm, rv, nbt, training, momentum, eps, num_features, dims, True))
+    core_state = [None if t is None else t.clone() for t in (rm, rv, nbt)]
+    layer = f"BatchNorm{dims}d"
+    record(f"torch.ops.matterhorn.batch_norm_layer({describe(x)}, {describe(w)}, {describe(b)}, {describe(rm)}, "
+           f"{describe(rv)}, {describe(nbt)}, training={training}, momentum={momentum}, eps={eps}, layer={layer!r}, "
+           f"num_features={num_features}, multi_step_mode=True)")
+    result = outcome(lambda: ops.batch_norm_layer(x, w, b, rm, rv, nbt, training, momentum, eps, layer, num_features,
+                                                  True))
     rm_, rv_, nbt_ = state
 
     def reference():
@@ -1101,6 +1104,11 @@ def test_batch_norm_op(data):
             assert_close_bound(got, want, 4 * u * (count + 2) * (want.abs() + second), what)
     if nbt is not None:
         assert torch.equal(nbt, nbt_), f"num_batches_tracked {nbt.tolist()}, torch.nn {nbt_.tolist()}"
+    # the core op on the folded tensor (one group) computes what the layer op did
+    core = ops.batch_norm(x.flatten(0, 1), w, b, *core_state, training, momentum, eps).unflatten(0, (T, B))
+    assert torch.equal(core, result), "matterhorn.batch_norm on the folded input differs from the layer op"
+    for got, want in zip(core_state, (rm, rv, nbt)):
+        assert got is None or torch.equal(got, want), "the core op updated the running statistics differently"
 
 
 # ---- LayerNorm ops ------------------------------------------------------------------------------
@@ -1488,6 +1496,7 @@ def check_block_named(result, valid, tensors, op, names, compare):
 FUZZED_OPS = {
     "linear": test_linear_op, "conv": test_conv_ops, "conv_transpose": test_conv_ops,
     "batch_norm": test_batch_norm_op, "batch_norm_stats": test_batch_norm_stats_op,
+    **{n: test_batch_norm_op for n in ("batch_norm_layer", "batch_norm_layer_fold", "batch_norm_layer_unfold")},
     "batch_norm_elemt": test_batch_norm_elemt_op, "batch_norm_backward_reduce": test_batch_norm_backward_reduce_op,
     "batch_norm_backward_elemt": test_batch_norm_backward_elemt_op,
     "batch_norm_update_stats": test_batch_norm_update_stats_op, "batch_norm_normalize": test_batch_norm_normalize_op,

@@ -83,9 +83,9 @@ std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& input, int64_t groups
 
 at::Tensor elemt(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
-                 int64_t groups, int64_t multiprocessors) {
+                 int64_t groups, int64_t multiprocessors, const std::optional<at::Tensor>& scale) {
   Poisoned poisoned;
-  return bn::launch_elemt(input, mean, var, weight, bias, eps, groups, EmulatedLaunch{multiprocessors});
+  return bn::launch_elemt(input, mean, var, weight, bias, eps, groups, scale, EmulatedLaunch{multiprocessors});
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output, const at::Tensor& input,
@@ -97,10 +97,10 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
 at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
                           const at::Tensor& var, const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
                           const at::Tensor& sum_dy_xmu, double eps, int64_t count, int64_t groups,
-                          int64_t multiprocessors) {
+                          int64_t multiprocessors, const std::optional<at::Tensor>& scale) {
   Poisoned poisoned;
   return bn::launch_backward_elemt(grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, eps, count, groups,
-                                   EmulatedLaunch{multiprocessors});
+                                   scale, EmulatedLaunch{multiprocessors});
 }
 
 void update_stats(const at::Tensor& mean, const at::Tensor& var, int64_t count, const at::Tensor& running_mean,
@@ -143,11 +143,12 @@ std::vector<int64_t> take_load_addresses() {
 TORCH_LIBRARY(matterhorn_emulated, m) {
   m.def("batch_norm_stats(Tensor input, int groups, int multiprocessors) -> (Tensor, Tensor)");
   m.def("batch_norm_elemt(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
-        "int groups, int multiprocessors) -> Tensor");
+        "int groups, int multiprocessors, Tensor? scale=None) -> Tensor");
   m.def("batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, int groups, "
         "int multiprocessors) -> (Tensor, Tensor)");
   m.def("batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor var, Tensor? weight, "
-        "Tensor sum_dy, Tensor sum_dy_xmu, float eps, int count, int groups, int multiprocessors) -> Tensor");
+        "Tensor sum_dy, Tensor sum_dy_xmu, float eps, int count, int groups, int multiprocessors, "
+        "Tensor? scale=None) -> Tensor");
   m.def("batch_norm_update_stats(Tensor mean, Tensor var, int count, Tensor(a!) running_mean, "
         "Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, float? momentum) -> ()");
   m.def("tiling(Tensor input, int groups, int vec, int multiprocessors) -> int[]");

@@ -1,5 +1,9 @@
 #include "matterhorn/snn/normalization.h"
 
+#include <string>
+#include <vector>
+
+#include <ATen/ops/full.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
@@ -57,17 +61,100 @@ template <size_t D>
 at::Tensor BatchNormImpl<D>::forward(const at::Tensor& input) {
   const bool training = this->is_training();
   const bool use_running = !training || options.track_running_stats();
-  return ops::batch_norm(
+  static const std::string name = "BatchNorm" + std::to_string(D) + "d";
+  return ops::batch_norm_layer(
       input, optional(weight), optional(bias), use_running ? optional(running_mean) : std::nullopt,
       use_running ? optional(running_var) : std::nullopt,
       training && options.track_running_stats() ? optional(num_batches_tracked) : std::nullopt, training,
-      options.momentum(), options.eps(), options.num_features(), D, options.step_mode() == StepMode::kMulti,
+      options.momentum(), options.eps(), name, options.num_features(), options.step_mode() == StepMode::kMulti,
       options.per_step(), options.batch_first());
 }
 
 template class BatchNormImpl<1>;
 template class BatchNormImpl<2>;
 template class BatchNormImpl<3>;
+
+namespace {
+
+template <TemporalNorm K, size_t D>
+const std::string& temporal_name() {
+  static const std::string name = std::string(K == TemporalNorm::kThresholdDependent  ? "ThresholdDependentBatchNorm"
+                                              : K == TemporalNorm::kTemporalEffective ? "TemporalEffectiveBatchNorm"
+                                                                                      : "BatchNormThroughTime") +
+                                  std::to_string(D) + "d";
+  return name;
+}
+
+}  // namespace
+
+template <TemporalNorm K, size_t D>
+TemporalBatchNormImpl<K, D>::TemporalBatchNormImpl(TemporalBatchNormOptions options_) : options(std::move(options_)) {
+  const std::string& name = temporal_name<K, D>();
+  TORCH_CHECK_VALUE(options.num_features() >= 1, name, ": num_features must be >= 1, got ", options.num_features());
+  TORCH_CHECK_VALUE(
+      K == TemporalNorm::kThresholdDependent || options.T() >= 1, name, ": T (time steps) must be an integer >= 1, got ",
+      options.T());
+  TemporalBatchNormImpl<K, D>::reset();
+}
+
+template <TemporalNorm K, size_t D>
+void TemporalBatchNormImpl<K, D>::reset() {
+  const int64_t C = options.num_features(), T = options.T();
+  const bool through_time = K == TemporalNorm::kThroughTime;
+  const std::vector<int64_t> rows = through_time ? std::vector<int64_t>{T, C} : std::vector<int64_t>{C};
+  const double initial = K == TemporalNorm::kThresholdDependent ? options.alpha() * options.v_th() : 1.0;
+  weight = options.affine() ? this->register_parameter("weight", at::full(rows, initial))
+                            : this->register_parameter("weight", {}, /*requires_grad=*/false);
+  bias = options.affine() && !through_time ? this->register_parameter("bias", at::zeros({C}))
+                                           : this->register_parameter("bias", {}, /*requires_grad=*/false);
+  if (K == TemporalNorm::kTemporalEffective) scale = this->register_parameter("scale", at::ones({T}));
+  if (options.track_running_stats()) {
+    running_mean = this->register_buffer("running_mean", at::zeros(rows));
+    running_var = this->register_buffer("running_var", at::ones(rows));
+    num_batches_tracked = this->register_buffer("num_batches_tracked", at::zeros({}, at::kLong));
+  }
+}
+
+template <TemporalNorm K, size_t D>
+void TemporalBatchNormImpl<K, D>::pretty_print(std::ostream& stream) const {
+  stream << "matterhorn::snn::" << temporal_name<K, D>() << "(";
+  if (K == TemporalNorm::kThresholdDependent) {
+    stream << "alpha=" << options.alpha() << ", v_th=" << options.v_th() << ", ";
+  } else {
+    stream << "T=" << options.T() << ", ";
+  }
+  stream << options.num_features() << ", eps=" << options.eps() << ", momentum=";
+  if (options.momentum().has_value()) {
+    stream << *options.momentum();
+  } else {
+    stream << "None";
+  }
+  stream << ", affine=" << std::boolalpha << options.affine() << ", track_running_stats="
+         << options.track_running_stats();
+  if (options.batch_first()) stream << ", batch_first=true";
+  stream << ")";
+}
+
+template <TemporalNorm K, size_t D>
+at::Tensor TemporalBatchNormImpl<K, D>::forward(const at::Tensor& input) {
+  const bool training = this->is_training();
+  const bool use_running = !training || options.track_running_stats();
+  return ops::batch_norm_layer(
+      input, optional(weight), optional(bias), use_running ? optional(running_mean) : std::nullopt,
+      use_running ? optional(running_var) : std::nullopt,
+      training && options.track_running_stats() ? optional(num_batches_tracked) : std::nullopt, training,
+      options.momentum(), options.eps(), temporal_name<K, D>(), options.num_features(), /*multi_step_mode=*/true,
+      /*per_step=*/K == TemporalNorm::kThroughTime, options.batch_first(), optional(scale));
+}
+
+#define MATTERHORN_TEMPORAL_NORM(kind)                         \
+  template class TemporalBatchNormImpl<TemporalNorm::kind, 1>; \
+  template class TemporalBatchNormImpl<TemporalNorm::kind, 2>; \
+  template class TemporalBatchNormImpl<TemporalNorm::kind, 3>;
+MATTERHORN_TEMPORAL_NORM(kThresholdDependent)
+MATTERHORN_TEMPORAL_NORM(kTemporalEffective)
+MATTERHORN_TEMPORAL_NORM(kThroughTime)
+#undef MATTERHORN_TEMPORAL_NORM
 
 LayerNormImpl::LayerNormImpl(LayerNormOptions options_) : options(std::move(options_)) {
   for (const int64_t size : options.normalized_shape()) {

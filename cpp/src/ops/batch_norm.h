@@ -1,58 +1,30 @@
 #pragma once
 // Internal pieces of the BatchNorm ops. The input is always the folded [N, C, ...] tensor,
-// N = G * M: statistics are per (group, channel), over the M rows of a group and every spatial
-// position. G = 1 normalises over T, B and space together; G = T is the per-time-step option.
+// N = G * M: G contiguous groups of M rows along N. What the rows are (T*B, B*T, B) and what G
+// is (1: statistics over everything, T: per time step) the layer decides (ops/batch_norm_layer.cpp).
 //
+// Per-(group, channel) values -- statistics, running statistics, weight, bias -- are [G, C] (one
+// row per group) or [C] / [1, C] (shared by every group); `scale` is [G] (one factor per group).
 // Building-block ops (one kernel file per dispatch key, so CUDA kernels slot in beside the CPU ones):
 //   batch_norm_stats(x, G)                           -> mean [G, C], biased var [G, C]
-//   batch_norm_elemt(x, mean, var, w, b, eps, G)     -> (x - mean) / sqrt(var + eps) * w + b
+//   batch_norm_elemt(x, mean, var, w, b, eps, G, scale) -> ((x - mean) / sqrt(var + eps) * w + b) * scale
 //   batch_norm_backward_reduce(dy, x, mean, G)       -> sum(dy), sum(dy * (x - mean)) [G, C]
-//   batch_norm_backward_elemt(dy, x, mean, var, w, sum_dy, sum_dy_xmu, eps, count, G) -> dx
+//   batch_norm_backward_elemt(dy, x, mean, var, w, sum_dy, sum_dy_xmu, eps, count, G, scale) -> dx
+//     (sum_dy, sum_dy_xmu: of dy * scale, per statistics group)
 //   batch_norm_update_stats(mean, var, count, running_mean, running_var, num_batches_tracked, momentum)
+//     (running statistics [C]: updated once per group in order; [G, C]: row g from group g)
 // The per-channel constants are computed inside the kernels: a call is a handful of ops, not dozens.
-// the differentiable batch_norm_normalize (statistics + affine, autograd in C++), and the layer op
-// batch_norm = checks + fold + batch_norm_normalize + batch_norm_update_stats.
+// the differentiable batch_norm_normalize (statistics + affine + scale, autograd in C++), and the
+// core op batch_norm = checks + batch_norm_normalize + batch_norm_update_stats.
 #include <array>
-#include <limits>
 #include <optional>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
-#include <c10/macros/Macros.h>
+
+#include "ops/norm_common.h"
 
 namespace matterhorn::ops::detail {
-
-// Conversions that call no op when nothing changes: a kernel below autograd must not hand back
-// its input as a new result (aten::to and aten::contiguous would return it as is).
-inline at::Tensor cast(const at::Tensor& t, at::ScalarType type) {
-  return t.scalar_type() == type ? t : t.to(type);
-}
-inline at::Tensor dense(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
-
-// Count, mean and sum of squared deviations, merged with Chan's formula (numerically safe);
-// shared by the CPU and CUDA kernels. The count is an integer so that it stays exact at any size
-// (a float count stops growing at 2^24). No values: mean and variance are NaN, as torch.var_mean's.
-template <typename acc_t>
-struct Moments {
-  int64_t count = 0;
-  acc_t mean = 0, m2 = 0;
-  C10_HOST_DEVICE void merge(int64_t n, acc_t other_mean, acc_t other_m2) {
-    if (n == 0) return;
-    const int64_t total = count + n;
-    const acc_t share = static_cast<acc_t>(n) / static_cast<acc_t>(total);
-    const acc_t delta = other_mean - mean;
-    mean += delta * share;
-    m2 += other_m2 + delta * delta * static_cast<acc_t>(count) * share;
-    count = total;
-  }
-  C10_HOST_DEVICE void merge(const Moments& other) { merge(other.count, other.mean, other.m2); }
-  // mean and biased variance of (group, channel) `at`
-  C10_HOST_DEVICE void write(acc_t* means, acc_t* vars, int64_t at) const {
-    const acc_t none = std::numeric_limits<acc_t>::quiet_NaN();
-    means[at] = count > 0 ? mean : none;
-    vars[at] = count > 0 ? m2 / static_cast<acc_t>(count) : none;
-  }
-};
 
 // Dense with the channels innermost in memory ([N, *spatial, C]): channels_last and its 1-D/3-D kin.
 inline bool channels_innermost(const at::Tensor& t) {
@@ -90,34 +62,69 @@ std::tuple<at::Tensor, BatchNormLayout> batch_norm_layout(const at::Tensor& inpu
 void check_stats_arguments(const at::Tensor& input, int64_t groups);
 void check_elemt_arguments(
     const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, int64_t groups);
+    const std::optional<at::Tensor>& bias, double eps, int64_t groups, const std::optional<at::Tensor>& scale);
 void check_backward_reduce_arguments(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, int64_t groups);
 void check_backward_elemt_arguments(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
     const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, double eps,
-    const c10::SymInt& count, int64_t groups);
-// Statistics [G, C] beside running statistics [C] on one device; num_batches_tracked one int64;
+    const c10::SymInt& count, int64_t groups, const std::optional<at::Tensor>& scale);
+// Statistics [G, C] beside running statistics [C] or [G, C] on one device; num_batches_tracked one int64;
 // count >= 0 and not 1 (the unbiased variance of one value is undefined).
 void check_update_stats_arguments(
     const at::Tensor& mean, const at::Tensor& var, const c10::SymInt& count, const at::Tensor& running_mean,
     const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked);
 
+// group index -> offset of the group's row in a per-(group, channel) tensor: C, or 0 when shared.
+inline int64_t group_stride(const at::Tensor& t, int64_t channels) {
+  return t.defined() && t.numel() != channels ? channels : 0;
+}
+
 // Forward of batch_norm_normalize on the folded tensor: (y, mean [G, C], biased var [G, C]) of the
 // batch; with batch_statistics false the running statistics are used and mean and var are empty.
+// With a scale [S] (groups 1 or S) the element pass runs per scale group.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool batch_statistics, double eps, int64_t groups);
+    const std::optional<at::Tensor>& running_var, bool batch_statistics, double eps, int64_t groups,
+    const std::optional<at::Tensor>& scale);
 
-// Backward of batch_norm_normalize on the folded tensors: (grad_input, grad_weight, grad_bias).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_backward(
+// Backward of batch_norm_normalize on the folded tensors, mean and var 2-D ([G, C] or [1, C]):
+// (grad_input, grad_weight, grad_bias, grad_scale) for the `needs` among them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> normalize_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& var, bool batch_statistics, double eps, int64_t groups,
-    std::array<bool, 3> needs);
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, bool batch_statistics,
+    double eps, int64_t groups, const std::optional<at::Tensor>& scale, std::array<bool, 4> needs);
 
-// [T, B, C, ...] -> [T*B, C, ...] when multi-step, else the input; and back.
-at::Tensor fold_time(const at::Tensor& input, bool multi_step);
-at::Tensor unfold_time(const at::Tensor& output, const at::Tensor& input, bool multi_step);
+// Who the core's messages name: the layer ("BatchNorm2d") with its input's shape and " and time
+// step" for per-step statistics, or the op itself.
+struct NormCaller {
+  c10::string_view name;
+  const char* per_group;
+  c10::SymIntArrayRef shape;
+};
+
+// The core op matterhorn::batch_norm on the folded input (checks, normalize, update the running
+// statistics), its messages naming `who`. groups 0 only for an empty input: no statistics update.
+at::Tensor batch_norm_folded(
+    const NormCaller& who, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& num_batches_tracked, bool training,
+    std::optional<double> momentum, double eps, int64_t groups, const std::optional<at::Tensor>& scale);
+
+// The layer's fold (ops/batch_norm_layer.cpp): its input as the core's [N, C, ...] and groups.
+struct BatchNormFold {
+  at::Tensor folded;
+  int64_t groups = 1;
+  bool multi_step = false, time_major = true;
+  c10::SymInt steps = 1, batch = 0;  // T and B of a multi-step input
+};
+
+// Checks the input in the layer's terms (rank, channels, T against per-step tensors) and folds it.
+BatchNormFold fold_for_batch_norm(
+    const at::Tensor& input, c10::string_view layer, int64_t num_features, bool multi_step_mode, bool per_step,
+    bool batch_first, bool batch_statistics, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& scale);
+at::Tensor unfold_from_batch_norm(const at::Tensor& output, const BatchNormFold& fold);
 
 }  // namespace matterhorn::ops::detail

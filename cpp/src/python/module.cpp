@@ -187,6 +187,41 @@ void bind_batch_norm(py::module_& m, const char* name) {
   bind_module_tensors<Holder>(cls);
 }
 
+// The temporal normalizations: (alpha, v_th, num_features, ...) for tdBN, (T, num_features, ...) else.
+template <typename Holder, snn::TemporalNorm K>
+void bind_temporal_norm(py::module_& m, const char* name) {
+  auto cls = py::class_<Holder>(m, name);
+  const auto make = [](int64_t T, double alpha, double v_th, int64_t num_features, double eps,
+                       std::optional<double> momentum, bool affine, bool track_running_stats, bool batch_first) {
+    return Holder(snn::TemporalBatchNormOptions(T, num_features)
+                      .alpha(alpha)
+                      .v_th(v_th)
+                      .eps(eps)
+                      .momentum(momentum)
+                      .affine(affine)
+                      .track_running_stats(track_running_stats)
+                      .batch_first(batch_first));
+  };
+  if constexpr (K == snn::TemporalNorm::kThresholdDependent) {
+    cls.def(py::init([make](double alpha, double v_th, int64_t num_features, double eps, std::optional<double> momentum,
+                            bool affine, bool track_running_stats, bool batch_first) {
+              return make(1, alpha, v_th, num_features, eps, momentum, affine, track_running_stats, batch_first);
+            }),
+            py::arg("alpha"), py::arg("v_th"), py::arg("num_features"), py::arg("eps") = 1e-5,
+            py::arg("momentum") = 0.1, py::arg("affine") = true, py::arg("track_running_stats") = true, py::kw_only(),
+            py::arg("batch_first") = false);
+  } else {
+    cls.def(py::init([make](int64_t T, int64_t num_features, double eps, std::optional<double> momentum, bool affine,
+                            bool track_running_stats, bool batch_first) {
+              return make(T, 1.0, 1.0, num_features, eps, momentum, affine, track_running_stats, batch_first);
+            }),
+            py::arg("T"), py::arg("num_features"), py::arg("eps") = 1e-5, py::arg("momentum") = 0.1,
+            py::arg("affine") = true, py::arg("track_running_stats") = true, py::kw_only(),
+            py::arg("batch_first") = false);
+  }
+  bind_module_tensors<Holder>(cls);
+}
+
 // A Sequential of bound modules, for the fuse parity test.
 template <typename... Holders>
 torch::nn::Sequential sequential_of(const py::list& items) {
@@ -280,6 +315,21 @@ PYBIND11_MODULE(_C, m) {
   python::bind_batch_norm<snn::BatchNorm1d>(m, "BatchNorm1d");
   python::bind_batch_norm<snn::BatchNorm2d>(m, "BatchNorm2d");
   python::bind_batch_norm<snn::BatchNorm3d>(m, "BatchNorm3d");
+  python::bind_temporal_norm<snn::ThresholdDependentBatchNorm1d, snn::TemporalNorm::kThresholdDependent>(
+      m, "ThresholdDependentBatchNorm1d");
+  python::bind_temporal_norm<snn::ThresholdDependentBatchNorm2d, snn::TemporalNorm::kThresholdDependent>(
+      m, "ThresholdDependentBatchNorm2d");
+  python::bind_temporal_norm<snn::ThresholdDependentBatchNorm3d, snn::TemporalNorm::kThresholdDependent>(
+      m, "ThresholdDependentBatchNorm3d");
+  python::bind_temporal_norm<snn::TemporalEffectiveBatchNorm1d, snn::TemporalNorm::kTemporalEffective>(
+      m, "TemporalEffectiveBatchNorm1d");
+  python::bind_temporal_norm<snn::TemporalEffectiveBatchNorm2d, snn::TemporalNorm::kTemporalEffective>(
+      m, "TemporalEffectiveBatchNorm2d");
+  python::bind_temporal_norm<snn::TemporalEffectiveBatchNorm3d, snn::TemporalNorm::kTemporalEffective>(
+      m, "TemporalEffectiveBatchNorm3d");
+  python::bind_temporal_norm<snn::BatchNormThroughTime1d, snn::TemporalNorm::kThroughTime>(m, "BatchNormThroughTime1d");
+  python::bind_temporal_norm<snn::BatchNormThroughTime2d, snn::TemporalNorm::kThroughTime>(m, "BatchNormThroughTime2d");
+  python::bind_temporal_norm<snn::BatchNormThroughTime3d, snn::TemporalNorm::kThroughTime>(m, "BatchNormThroughTime3d");
   auto layer_norm = py::class_<snn::LayerNorm>(m, "LayerNorm");
   layer_norm.def(
       py::init([](const std::vector<int64_t>& normalized_shape, double eps, bool elementwise_affine, bool bias) {

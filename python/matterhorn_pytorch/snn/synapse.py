@@ -411,6 +411,7 @@ class _BatchNorm(_TwinSynapse):
 
     _SIZES = (("num_features", 1),)
     _DIMS = 0  # spatial dimensions of the torch.nn twin: 1, 2 or 3
+    _NAME = ""  # the class's name in messages, e.g. "BatchNorm2d"
 
     def __init__(
         self,
@@ -436,6 +437,7 @@ class _BatchNorm(_TwinSynapse):
         if not isinstance(per_step, bool):
             raise TypeError(f"{type(self).__name__}: per_step must be a bool, got {per_step!r}")
         self.dims: int = self._DIMS
+        self.layer_name: str = self._NAME  # names the layer in the op's messages; ends in its 1d/2d/3d
         self.per_step = per_step
         # sync: statistics over every process of process_group (None: the default group) in training.
         self.sync = sync
@@ -448,23 +450,27 @@ class _BatchNorm(_TwinSynapse):
         return self.forward(o)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._normalize(input, None)
+
+    def _normalize(self, input: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer op (ops/batch_norm_layer.cpp decides fold and groups); ``scale``: TEBN's."""
         if self.sync and self.training and self._synchronising():
-            return self._forward_synchronised(input)
+            return self._forward_synchronised(input, scale)
         track = self.training and self.track_running_stats
         use_running = not self.training or self.track_running_stats
         if not torch.jit.is_scripting() and _onnx.exporting():
             return _onnx.batch_norm(
                 input, self.weight, self.bias,
                 self.running_mean if use_running else None, self.running_var if use_running else None, None,
-                self.training, self.momentum, self.eps, self.num_features, self.dims, self.step_mode == "m",
-                self.per_step, self.batch_first,
+                self.training, self.momentum, self.eps, self.layer_name, self.num_features, self.step_mode == "m",
+                self.per_step, self.batch_first, scale,
             )
-        return torch.ops.matterhorn.batch_norm(
+        return torch.ops.matterhorn.batch_norm_layer(
             input, self.weight, self.bias,
             self.running_mean if use_running else None, self.running_var if use_running else None,
             self.num_batches_tracked if track else None,
-            self.training, self.momentum, self.eps, self.num_features, self.dims, self.step_mode == "m",
-            self.per_step, self.batch_first,
+            self.training, self.momentum, self.eps, self.layer_name, self.num_features, self.step_mode == "m",
+            self.per_step, self.batch_first, scale,
         )
 
     @torch.jit.unused
@@ -473,18 +479,17 @@ class _BatchNorm(_TwinSynapse):
             distributed.get_world_size(self.process_group) > 1
 
     @torch.jit.unused
-    def _forward_synchronised(self, o: torch.Tensor) -> torch.Tensor:
-        multi_step = o.dim() == 4 or (o.dim() == 3 and self.step_mode == "m") if self.dims == 1 else o.dim() == self.dims + 3
-        per_step = self.per_step and multi_step
-        time_major = not (per_step and self.batch_first)
-        steps = o if time_major else o.transpose(0, 1).contiguous()
+    def _forward_synchronised(self, o: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        # the layer op's fold (ops/batch_norm_layer.cpp), around statistics over the process group
+        layout = (self.layer_name, self.num_features, self.step_mode == "m", self.per_step, self.batch_first,
+                  self.weight, self.running_mean, scale)
+        folded, groups = torch.ops.matterhorn.batch_norm_layer_fold(o, *layout)
         output = _SynchronisedBatchNorm.apply(
-            steps.flatten(0, 1) if multi_step else steps, self.weight, self.bias, self.running_mean, self.running_var,
+            folded, self.weight, self.bias, self.running_mean, self.running_var,
             self.num_batches_tracked if self.track_running_stats else None, self.momentum, self.eps,
-            steps.shape[0] if per_step else 1, self.process_group,
+            groups, scale, self.process_group,
         )
-        output = output.unflatten(0, steps.shape[:2]) if multi_step else output
-        return output if time_major else output.transpose(0, 1).contiguous()
+        return torch.ops.matterhorn.batch_norm_layer_unfold(output, o, *layout)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", per_step=True" if self.per_step else "") + (", sync=True" if self.sync else "")
@@ -492,18 +497,22 @@ class _BatchNorm(_TwinSynapse):
 
 class _SynchronisedBatchNorm(torch.autograd.Function):
     """BatchNorm whose statistics cover the whole process group: the local moments are gathered
-    and merged (Chan's formula), the two backward reductions are all-reduced. Any backend, gloo
-    on CPU included. Parameter gradients stay local, as in torch.nn.SyncBatchNorm: DDP (or an
-    all_reduce) sums them across processes."""
+    and merged (Chan's formula, weighted by each process's count; an empty shard counts 0), the
+    two backward reductions are all-reduced. Any backend, gloo on CPU included. Parameter
+    gradients stay local, as in torch.nn.SyncBatchNorm: DDP (or an all_reduce) sums them across
+    processes. ``groups`` and ``scale`` as the core op ``matterhorn::batch_norm``'s."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, groups, group):
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, groups, scale,
+                group):
         mean, var = torch.ops.matterhorn.batch_norm_stats(x, groups)  # this process: [G, C]
         accumulate = mean.dtype  # float32, or float64 for float64 input
-        local = torch.stack([torch.full_like(mean, x.numel() // mean.numel()), mean, var]).double()
+        local = torch.stack([torch.full_like(mean, x.numel() // max(mean.numel(), 1)), mean, var]).double()
         gathered = [torch.empty_like(local) for _ in range(distributed.get_world_size(group))]
         distributed.all_gather(gathered, local, group=group)
         counts, means, variances = torch.stack(gathered).unbind(1)  # [processes, G, C] each
+        # an empty shard's statistics are NaN: weighted by 0 they would still poison the sums
+        means, variances = (torch.where(counts > 0, t, torch.zeros_like(t)) for t in (means, variances))
         count = counts.sum(0)
         mean = (counts * means).sum(0) / count
         var = (counts * (variances + (means - mean) ** 2)).sum(0) / count
@@ -511,21 +520,35 @@ class _SynchronisedBatchNorm(torch.autograd.Function):
         if running_mean is not None and running_var is not None:
             torch.ops.matterhorn.batch_norm_update_stats(
                 mean, var, int(count[0, 0]), running_mean, running_var, num_batches_tracked, momentum)
-        ctx.save_for_backward(x, weight, mean, var)
-        ctx.eps, ctx.groups, ctx.group, ctx.count, ctx.has_bias = eps, groups, group, int(count[0, 0]), bias is not None
-        return torch.ops.matterhorn.batch_norm_elemt(x, mean, var, weight, bias, eps, groups)
+        ctx.save_for_backward(x, weight, bias, scale, mean, var)
+        ctx.eps, ctx.groups, ctx.group, ctx.count = eps, groups, group, int(count[0, 0])
+        steps = groups if scale is None else scale.shape[0]
+        return torch.ops.matterhorn.batch_norm_elemt(x, mean, var, weight, bias, eps, steps, scale)
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, weight, mean, var = ctx.saved_tensors
-        sum_dy, sum_dy_xmu = torch.ops.matterhorn.batch_norm_backward_reduce(grad_output, x, mean, ctx.groups)
-        grad_weight = (sum_dy_xmu * (var + ctx.eps).rsqrt()).sum(0).to(weight.dtype) if weight is not None else None
-        grad_bias = sum_dy.sum(0).to(weight.dtype) if ctx.has_bias else None
+        x, weight, bias, scale, mean, var = ctx.saved_tensors
+        steps = ctx.groups if scale is None else scale.shape[0]
+        sum_dy, sum_dy_xmu = torch.ops.matterhorn.batch_norm_backward_reduce(grad_output, x, mean, steps)
+        invstd = (var + ctx.eps).rsqrt()
+        grad_scale = None
+        if scale is not None:  # y = (xhat * w + b) * scale[t]
+            per_value = sum_dy_xmu * invstd * (weight if weight is not None else 1.0)
+            grad_scale = (per_value + (sum_dy * bias if bias is not None else 0.0)).sum(1).to(scale.dtype)
+            factor = scale.to(sum_dy.dtype)[:, None]
+            sum_dy, sum_dy_xmu = sum_dy * factor, sum_dy_xmu * factor
+
+        def like(t, parameter):  # [steps, C] -> the parameter's shape ([C]: summed over the steps)
+            return None if parameter is None else (t.sum(0) if parameter.dim() == 1 else t).to(parameter.dtype)
+
+        grad_weight, grad_bias = like(sum_dy_xmu * invstd, weight), like(sum_dy, bias)
         sums = torch.stack([sum_dy, sum_dy_xmu])
+        if mean.shape[0] == 1 and steps > 1:  # statistics over every step: their sums too
+            sums = sums.sum(1, keepdim=True)
         distributed.all_reduce(sums, group=ctx.group)
         grad_input = torch.ops.matterhorn.batch_norm_backward_elemt(
-            grad_output, x, mean, var, weight, sums[0], sums[1], ctx.eps, ctx.count, ctx.groups)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+            grad_output, x, mean, var, weight, sums[0], sums[1], ctx.eps, ctx.count, steps, scale)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, grad_scale, None
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
@@ -543,18 +566,195 @@ class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     A 3-D input is read by the mode: ``[T, B, C]`` in multi-step, ``[B, C, L]`` in single-step."""
 
     _DIMS = 1
+    _NAME = "BatchNorm1d"
 
 
 class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     """BatchNorm over ``[T, B, C, H, W]`` (single-step ``[B, C, H, W]``)."""
 
     _DIMS = 2
+    _NAME = "BatchNorm2d"
 
 
 class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """BatchNorm over ``[T, B, C, H, W, L]`` (single-step ``[B, C, H, W, L]``)."""
 
     _DIMS = 3
+    _NAME = "BatchNorm3d"
+
+
+def _steps(layer: str, T: int) -> int:
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise ValueError(f"{layer}: T (time steps) must be an integer >= 1, got {T!r}")
+    return T
+
+
+class _TemporalBatchNorm(_BatchNorm):
+    """The temporal normalizations (SPEC "Beyond the page"): multi-step layers on BatchNorm's
+    core, SpikingJelly's positional order. ``[T, B, C, ...]`` (``[B, T, C, ...]`` with batch_first)."""
+
+    def _init_temporal(self, num_features: int, eps: float, momentum: Optional[float], affine: bool,
+                       track_running_stats: bool, device, dtype, batch_first: bool, sync: bool,
+                       process_group: Optional[object], bias: bool = True, per_step: bool = False) -> None:
+        _BatchNorm.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                            batch_first=batch_first, per_step=per_step, sync=sync, process_group=process_group)
+
+    def multi_step_mode_(self, if_on: bool = True, recursive: bool = True) -> "Module":
+        if not if_on:
+            raise ValueError(f"{type(self).__name__}: a multi-step layer (it normalizes over time); "
+                             "single-step mode is not supported")
+        return super().multi_step_mode_(if_on, recursive)
+
+
+class _ThresholdDependentBatchNorm(_TemporalBatchNorm):
+    """tdBN: BatchNorm over T, B and space with the weight initialised to ``alpha * v_th``."""
+
+    def __init__(
+        self,
+        alpha: float,
+        v_th: float,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        batch_first: bool = False,
+        sync: bool = False,
+        process_group: Optional[object] = None,
+    ) -> None:
+        self._init_temporal(num_features, eps, momentum, affine, track_running_stats, device, dtype, batch_first, sync,
+                            process_group)
+        self.alpha, self.v_th = float(alpha), float(v_th)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.affine and hasattr(self, "v_th"):  # torch.nn's constructor calls this before alpha and v_th exist
+            nn.init.constant_(self.weight, self.alpha * self.v_th)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, v_th={self.v_th}, " + super().extra_repr()
+
+
+class _TemporalEffectiveBatchNorm(_TemporalBatchNorm):
+    """TEBN: BatchNorm over T, B and space, then each step t scaled by a learnable ``scale[t]``
+    (shape ``[T]``, ones), inside the kernels' element pass. Input of another T is an error."""
+
+    def __init__(
+        self,
+        T: int,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        batch_first: bool = False,
+        sync: bool = False,
+        process_group: Optional[object] = None,
+    ) -> None:
+        self._init_temporal(num_features, eps, momentum, affine, track_running_stats, device, dtype, batch_first, sync,
+                            process_group)
+        self.T = _steps(type(self).__name__, T)
+        self.scale = nn.Parameter(torch.ones(T, device=device, dtype=dtype))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._normalize(input, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, " + super().extra_repr()
+
+
+class _BatchNormThroughTime(_TemporalBatchNorm):
+    """BNTT: statistics per time step, a weight per step (``[T, C]``, no bias) and running
+    statistics per step (``[T, C]``); eval normalizes step t with step t's running statistics."""
+
+    def __init__(
+        self,
+        T: int,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        batch_first: bool = False,
+        sync: bool = False,
+        process_group: Optional[object] = None,
+    ) -> None:
+        self._init_temporal(num_features, eps, momentum, affine, track_running_stats, device, dtype, batch_first, sync,
+                            process_group, bias=False, per_step=True)
+        self.T = _steps(type(self).__name__, T)
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.ones(T, num_features, **factory))
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(T, num_features, **factory))
+            self.register_buffer("running_var", torch.ones(T, num_features, **factory))
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, " + super().extra_repr()
+
+
+class ThresholdDependentBatchNorm1d(_ThresholdDependentBatchNorm, BatchNorm1d):
+    """tdBN over ``[T, B, C, ...]``: BatchNorm1d with the weight initialised to ``alpha * v_th``."""
+
+    _NAME = "ThresholdDependentBatchNorm1d"
+
+
+class TemporalEffectiveBatchNorm1d(_TemporalEffectiveBatchNorm, BatchNorm1d):
+    """TEBN over ``[T, B, C, ...]``: BatchNorm1d, then step t times ``scale[t]``."""
+
+    _NAME = "TemporalEffectiveBatchNorm1d"
+
+
+class BatchNormThroughTime1d(_BatchNormThroughTime, BatchNorm1d):
+    """BNTT over ``[T, B, C, ...]``: per-step statistics, weight and running statistics."""
+
+    _NAME = "BatchNormThroughTime1d"
+
+
+class ThresholdDependentBatchNorm2d(_ThresholdDependentBatchNorm, BatchNorm2d):
+    """tdBN over ``[T, B, C, H, W]``: BatchNorm2d with the weight initialised to ``alpha * v_th``."""
+
+    _NAME = "ThresholdDependentBatchNorm2d"
+
+
+class TemporalEffectiveBatchNorm2d(_TemporalEffectiveBatchNorm, BatchNorm2d):
+    """TEBN over ``[T, B, C, H, W]``: BatchNorm2d, then step t times ``scale[t]``."""
+
+    _NAME = "TemporalEffectiveBatchNorm2d"
+
+
+class BatchNormThroughTime2d(_BatchNormThroughTime, BatchNorm2d):
+    """BNTT over ``[T, B, C, H, W]``: per-step statistics, weight and running statistics."""
+
+    _NAME = "BatchNormThroughTime2d"
+
+
+class ThresholdDependentBatchNorm3d(_ThresholdDependentBatchNorm, BatchNorm3d):
+    """tdBN over ``[T, B, C, H, W, L]``: BatchNorm3d with the weight initialised to ``alpha * v_th``."""
+
+    _NAME = "ThresholdDependentBatchNorm3d"
+
+
+class TemporalEffectiveBatchNorm3d(_TemporalEffectiveBatchNorm, BatchNorm3d):
+    """TEBN over ``[T, B, C, H, W, L]``: BatchNorm3d, then step t times ``scale[t]``."""
+
+    _NAME = "TemporalEffectiveBatchNorm3d"
+
+
+class BatchNormThroughTime3d(_BatchNormThroughTime, BatchNorm3d):
+    """BNTT over ``[T, B, C, H, W, L]``: per-step statistics, weight and running statistics."""
+
+    _NAME = "BatchNormThroughTime3d"
 
 
 class LayerNorm(_TwinSynapse, nn.LayerNorm):
@@ -592,4 +792,7 @@ class LayerNorm(_TwinSynapse, nn.LayerNorm):
 
 __all__ = ["Synapse", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
            "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "WSLinear", "WSConv1d", "WSConv2d", "WSConv3d",
+           "ThresholdDependentBatchNorm1d", "ThresholdDependentBatchNorm2d", "ThresholdDependentBatchNorm3d",
+           "TemporalEffectiveBatchNorm1d", "TemporalEffectiveBatchNorm2d", "TemporalEffectiveBatchNorm3d",
+           "BatchNormThroughTime1d", "BatchNormThroughTime2d", "BatchNormThroughTime3d",
            "convert_sync_batchnorm", "MultiheadAttention"]

@@ -27,6 +27,9 @@ using matterhorn::ops::detail::Moments;
 using matterhorn::ops::detail::cast;
 using matterhorn::ops::detail::channels_innermost;
 using matterhorn::ops::detail::dense;
+using matterhorn::ops::detail::accumulation_typed;
+using matterhorn::ops::detail::data_or_null;
+using matterhorn::ops::detail::group_stride;
 using matterhorn::ops::detail::batch_norm_layout;
 using matterhorn::ops::detail::check_backward_elemt_arguments;
 using matterhorn::ops::detail::check_backward_reduce_arguments;
@@ -135,15 +138,16 @@ void stats_kernel(const scalar_t* x, acc_t* mean, acc_t* var, const BatchNormLay
 }
 
 // sum(dy) and sum(dy * (x - mean)) per (group, channel).
+// mean_stride: C, or 0 for a mean shared by the groups.
 template <typename scalar_t, typename acc_t>
-void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* mean, acc_t* sum_dy,
-                            acc_t* sum_dy_xmu, const BatchNormLayout& l) {
+void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* mean, int64_t mean_stride,
+                            acc_t* sum_dy, acc_t* sum_dy_xmu, const BatchNormLayout& l) {
   const int64_t C = l.channels, R = l.rows, S = l.inner;
   if (!l.channels_last) {
     at::parallel_for(0, l.groups * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t gc = begin; gc < end; ++gc) {
         const int64_t g = gc / C, c = gc % C;
-        const acc_t mu = mean[gc];
+        const acc_t mu = mean[g * mean_stride + c];
         acc_t total_dy = 0, total_dy_xmu = 0;
         for (int64_t m = 0; m < R; ++m) {
           const int64_t offset = ((g * R + m) * C + c) * S;
@@ -171,7 +175,7 @@ void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* 
         using T = decltype(lanes);
         constexpr int64_t W = kWidth<T>;
         T pd[kChannelBlock / W] = {}, pdx[kChannelBlock / W] = {}, mu[kChannelBlock / W] = {};
-        for (int64_t k = 0; k < count; ++k) mu[k] = load_as<T>(mean + g * C + c0 + k * W);
+        for (int64_t k = 0; k < count; ++k) mu[k] = load_as<T>(mean + g * mean_stride + c0 + k * W);
         for (int64_t r = first; r < last; ++r) {
           const int64_t offset = (g * R + r) * C + c0;
           for (int64_t k = 0; k < count; ++k) {
@@ -239,17 +243,6 @@ void channel_affine_kernel(scalar_t* out, const scalar_t* a, const acc_t* ka, co
   });
 }
 
-// Per-channel values ([G, C] statistics, [C] parameters; sizes checked by the check_* functions)
-// as a contiguous tensor of the accumulation type.
-at::Tensor constants(const at::Tensor& t, const at::Tensor& input) {
-  return dense(cast(t, at::toOpMathType(input.scalar_type())));
-}
-
-template <typename acc_t>
-const acc_t* optional_data(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->const_data_ptr<acc_t>() : nullptr;
-}
-
 std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& input, int64_t groups) {
   check_stats_arguments(input, groups);
   at::Tensor x;
@@ -268,32 +261,32 @@ std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& input, int64_t gr
 
 at::Tensor elemt_cpu(
     const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, int64_t groups) {
-  check_elemt_arguments(input, mean, var, weight, bias, eps, groups);
+    const std::optional<at::Tensor>& bias, double eps, int64_t groups, const std::optional<at::Tensor>& scale) {
+  check_elemt_arguments(input, mean, var, weight, bias, eps, groups, scale);
   at::Tensor x;
   BatchNormLayout layout;
   std::tie(x, layout) = batch_norm_layout(input, groups);
   const int64_t C = layout.channels, GC = groups * C;
-  const at::Tensor mu = constants(mean, input);
-  const at::Tensor sigma2 = constants(var, input);
-  std::optional<at::Tensor> w, b;
-  if (weight.has_value() && weight->defined()) w = constants(*weight, input);
-  if (bias.has_value() && bias->defined()) b = constants(*bias, input);
+  const at::Tensor mu = accumulation_typed(mean, input), sigma2 = accumulation_typed(var, input);
+  const at::Tensor w = accumulation_typed(weight, input), b = accumulation_typed(bias, input);
+  const at::Tensor s = accumulation_typed(scale, input);
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
+  const int64_t ms = group_stride(mu, C), ws = group_stride(w, C), bs = group_stride(b, C);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_elemt", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // y = x * scale + shift, scale = w / sqrt(var + eps), shift = b - mean * scale
-    std::vector<acc_t> scale(GC), shift(GC);
+    // y = x * k + shift, k = w / sqrt(var + eps) * s, shift = b * s - mean * k
+    std::vector<acc_t> factor(GC), shift(GC);
     const acc_t *m = mu.const_data_ptr<acc_t>(), *v = sigma2.const_data_ptr<acc_t>();
-    const acc_t *pw = optional_data<acc_t>(w), *pb = optional_data<acc_t>(b);
+    const acc_t *pw = data_or_null<acc_t>(w), *pb = data_or_null<acc_t>(b), *ps = data_or_null<acc_t>(s);
     for (int64_t gc = 0; gc < GC; ++gc) {
-      const int64_t c = gc % C;
-      scale[gc] = (pw ? pw[c] : acc_t(1)) / std::sqrt(v[gc] + static_cast<acc_t>(eps));
-      shift[gc] = (pb ? pb[c] : acc_t(0)) - m[gc] * scale[gc];
+      const int64_t g = gc / C, c = gc % C;
+      const acc_t step = ps ? ps[g] : acc_t(1);
+      factor[gc] = step * (pw ? pw[g * ws + c] : acc_t(1)) / std::sqrt(v[g * ms + c] + static_cast<acc_t>(eps));
+      shift[gc] = step * (pb ? pb[g * bs + c] : acc_t(0)) - m[g * ms + c] * factor[gc];
     }
     channel_affine_kernel<scalar_t, acc_t, false>(
-        out.data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), scale.data(), nullptr, nullptr, shift.data(), layout);
+        out.data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), factor.data(), nullptr, nullptr, shift.data(), layout);
   });
   return out;
 }
@@ -305,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
   BatchNormLayout layout;
   std::tie(x, layout) = batch_norm_layout(input, groups);
   const at::Tensor dy = like_layout(grad_output, layout);
-  const at::Tensor mu = constants(mean, input);
+  const at::Tensor mu = accumulation_typed(mean, input);
   at::Tensor sum_dy = at::empty({groups, layout.channels}, mu.options());
   at::Tensor sum_dy_xmu = at::empty({groups, layout.channels}, mu.options());
   if (x.numel() == 0) return {sum_dy.zero_(), sum_dy_xmu.zero_()};
@@ -313,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     backward_reduce_kernel<scalar_t, acc_t>(
         dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mu.const_data_ptr<acc_t>(),
-        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), layout);
+        group_stride(mu, layout.channels), sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), layout);
   });
   return {sum_dy, sum_dy_xmu};
 }
@@ -321,35 +314,36 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
 at::Tensor backward_elemt_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
     const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, double eps,
-    c10::SymInt count, int64_t groups) {
-  check_backward_elemt_arguments(grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, eps, count, groups);
+    c10::SymInt count, int64_t groups, const std::optional<at::Tensor>& scale) {
+  check_backward_elemt_arguments(
+      grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, eps, count, groups, scale);
   at::Tensor x;
   BatchNormLayout layout;
   std::tie(x, layout) = batch_norm_layout(input, groups);
   const at::Tensor dy = like_layout(grad_output, layout);
   const int64_t C = layout.channels, GC = groups * C;
-  const char* op = "batch_norm_backward_elemt";
-  const at::Tensor mu = constants(mean, input), sigma2 = constants(var, input);
-  const at::Tensor s_dy = constants(sum_dy, input);
-  const at::Tensor s_dy_xmu = constants(sum_dy_xmu, input);
-  std::optional<at::Tensor> w;
-  if (weight.has_value() && weight->defined()) w = constants(*weight, input);
+  const at::Tensor mu = accumulation_typed(mean, input), sigma2 = accumulation_typed(var, input);
+  const at::Tensor s_dy = accumulation_typed(sum_dy, input), s_dy_xmu = accumulation_typed(sum_dy_xmu, input);
+  const at::Tensor w = accumulation_typed(weight, input), s = accumulation_typed(scale, input);
   const int64_t n = count.expect_int();  // values per (group, channel), over every process when synchronised
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
+  const int64_t ms = group_stride(mu, C), ws = group_stride(w, C);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward_elemt", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // dx = (dy - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n) * invstd * w
+    // dx = (dy * step - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n) * invstd * w
     //    = dy * k_dy + x * k_x + k_shift
     std::vector<acc_t> k_dy(GC), k_x(GC), k_shift(GC);
     const acc_t *m = mu.const_data_ptr<acc_t>(), *v = sigma2.const_data_ptr<acc_t>();
     const acc_t *sd = s_dy.const_data_ptr<acc_t>(), *sdx = s_dy_xmu.const_data_ptr<acc_t>();
-    const acc_t* pw = optional_data<acc_t>(w);
+    const acc_t *pw = data_or_null<acc_t>(w), *ps = data_or_null<acc_t>(s);
     for (int64_t gc = 0; gc < GC; ++gc) {
-      const acc_t invstd = acc_t(1) / std::sqrt(v[gc] + static_cast<acc_t>(eps));
-      k_dy[gc] = invstd * (pw ? pw[gc % C] : acc_t(1));
-      k_x[gc] = -k_dy[gc] * invstd * invstd * sdx[gc] / static_cast<acc_t>(n);
-      k_shift[gc] = -k_dy[gc] * sd[gc] / static_cast<acc_t>(n) - m[gc] * k_x[gc];
+      const int64_t g = gc / C, c = gc % C, at = g * ms + c;
+      const acc_t invstd = acc_t(1) / std::sqrt(v[at] + static_cast<acc_t>(eps));
+      const acc_t k = invstd * (pw ? pw[g * ws + c] : acc_t(1));
+      k_dy[gc] = k * (ps ? ps[g] : acc_t(1));
+      k_x[gc] = -k * invstd * invstd * sdx[at] / static_cast<acc_t>(n);
+      k_shift[gc] = -k * sd[at] / static_cast<acc_t>(n) - m[at] * k_x[gc];
     }
     channel_affine_kernel<scalar_t, acc_t, true>(
         out.data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), k_dy.data(), x.const_data_ptr<scalar_t>(),
@@ -358,17 +352,20 @@ at::Tensor backward_elemt_cpu(
   return out;
 }
 
-// Running statistics as torch.nn updates them, once per group in order: with per-step statistics
-// (G = T) that is what T calls of torch.nn.BatchNorm would do.
+// Running statistics as torch.nn updates them. [C] ones once per group in order: with per-step
+// statistics (G = T) that is what T calls of torch.nn.BatchNorm would do. [G, C] ones row by row,
+// one batch counted (T BatchNorms called once each).
 void update_stats_cpu(
     const at::Tensor& mean, const at::Tensor& var, c10::SymInt count, const at::Tensor& running_mean,
     const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked,
     std::optional<double> momentum) {
   check_update_stats_arguments(mean, var, count, running_mean, running_var, num_batches_tracked);
-  const int64_t C = running_mean.numel(), n = count.expect_int();
+  const int64_t C = mean.size(1), n = count.expect_int();
+  const bool rows = running_mean.dim() == 2;  // one row per group
+  const int64_t batches_counted = rows ? 1 : mean.size(0);
   const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
   if (n == 0) {  // an empty batch is counted, as torch.nn counts it, and leaves the statistics
-    if (tracked) num_batches_tracked->add_(mean.size(0));
+    if (tracked) num_batches_tracked->add_(batches_counted);
     return;
   }
   // float statistics are read as they are (no cast ops: this runs once per training step)
@@ -378,19 +375,20 @@ void update_stats_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "batch_norm_update_stats", [&] {
     scalar_t* rm = running_mean.data_ptr<scalar_t>();
     scalar_t* rv = running_var.data_ptr<scalar_t>();
+    const int64_t before = batches ? *batches : 0;
     const auto update = [&](const auto* mean_data, const auto* var_data) {
       for (int64_t g = 0; g < mean.size(0); ++g) {
         double factor = momentum.value_or(0.0);
-        if (batches) {
-          *batches += 1;
-          if (!momentum.has_value()) factor = 1.0 / static_cast<double>(*batches);  // cumulative average
-        }
+        // cumulative average over the batches counted so far
+        if (batches && !momentum.has_value()) factor = 1.0 / static_cast<double>(before + (rows ? 1 : g + 1));
+        const int64_t row = rows ? g * C : 0;
         for (int64_t c = 0; c < C; ++c) {
           const double mg = static_cast<double>(mean_data[g * C + c]), vg = static_cast<double>(var_data[g * C + c]);
-          rm[c] = static_cast<scalar_t>((1 - factor) * static_cast<double>(rm[c]) + factor * mg);
-          rv[c] = static_cast<scalar_t>((1 - factor) * static_cast<double>(rv[c]) + factor * vg * n / (n - 1));
+          rm[row + c] = static_cast<scalar_t>((1 - factor) * static_cast<double>(rm[row + c]) + factor * mg);
+          rv[row + c] = static_cast<scalar_t>((1 - factor) * static_cast<double>(rv[row + c]) + factor * vg * n / (n - 1));
         }
       }
+      if (batches) *batches = before + batches_counted;
     };
     if (stat_type == at::kDouble) {
       update(m.const_data_ptr<double>(), v.const_data_ptr<double>());

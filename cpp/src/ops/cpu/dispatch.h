@@ -23,13 +23,13 @@ struct BatchNormKernels {
   std::tuple<at::Tensor, at::Tensor> (*stats)(const at::Tensor& input, int64_t groups);
   at::Tensor (*elemt)(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
-                      int64_t groups);
+                      int64_t groups, const std::optional<at::Tensor>& scale);
   std::tuple<at::Tensor, at::Tensor> (*backward_reduce)(const at::Tensor& grad_output, const at::Tensor& input,
                                                         const at::Tensor& mean, int64_t groups);
   at::Tensor (*backward_elemt)(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
                                const at::Tensor& var, const std::optional<at::Tensor>& weight,
                                const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, double eps,
-                               c10::SymInt count, int64_t groups);
+                               c10::SymInt count, int64_t groups, const std::optional<at::Tensor>& scale);
   void (*update_stats)(const at::Tensor& mean, const at::Tensor& var, c10::SymInt count,
                        const at::Tensor& running_mean, const at::Tensor& running_var,
                        const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum);

@@ -17,10 +17,10 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
 
-#include "ops/batch_norm.h"  // Moments, cast, dense
 #include "ops/cpu/dispatch.h"
 #include "ops/cpu/vectorized.h"
 #include "ops/layer_norm.h"
+#include "ops/norm_common.h"
 
 namespace {
 
@@ -29,6 +29,8 @@ using matterhorn::ops::detail::cast;
 using matterhorn::ops::detail::check_layer_norm_backward_block;
 using matterhorn::ops::detail::check_layer_norm_block;
 using matterhorn::ops::detail::dense;
+using matterhorn::ops::detail::accumulation_typed;
+using matterhorn::ops::detail::data_or_null;
 using matterhorn::ops::detail::statistics_shape;
 using matterhorn::ops::cpu::add_to;
 using matterhorn::ops::cpu::for_each_lane;
@@ -173,18 +175,6 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* mean, c
       db[i] = db_i;
     }
   });
-}
-
-// A parameter as a contiguous tensor of the accumulation type (float32 for float16/bfloat16
-// inputs, whose parameters may be either), or undefined.
-at::Tensor accumulation_typed(const std::optional<at::Tensor>& param, const at::Tensor& input) {
-  return param.has_value() && param->defined() ? dense(cast(*param, at::toOpMathType(input.scalar_type())))
-                                               : at::Tensor();
-}
-
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_cpu(

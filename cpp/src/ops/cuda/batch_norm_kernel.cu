@@ -33,9 +33,9 @@ std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& input, int64_t g
 
 at::Tensor elemt_cuda(
     const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, int64_t groups) {
+    const std::optional<at::Tensor>& bias, double eps, int64_t groups, const std::optional<at::Tensor>& scale) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return launch_elemt(input, mean, var, weight, bias, eps, groups, CudaLaunch{});
+  return launch_elemt(input, mean, var, weight, bias, eps, groups, scale, CudaLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(
@@ -47,10 +47,10 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(
 at::Tensor backward_elemt_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
     const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, double eps,
-    c10::SymInt count, int64_t groups) {
+    c10::SymInt count, int64_t groups, const std::optional<at::Tensor>& scale) {
   const c10::cuda::CUDAGuard guard(input.device());
   return launch_backward_elemt(grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, eps, count.expect_int(),
-                               groups, CudaLaunch{});
+                               groups, scale, CudaLaunch{});
 }
 
 void update_stats_cuda(

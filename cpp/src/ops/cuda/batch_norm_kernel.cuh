@@ -276,12 +276,13 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(const scalar_t* __res
 // Stage 1 of batch_norm_backward_reduce.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads) sums_kernel(const scalar_t* __restrict__ dy,
-                                                        const scalar_t* __restrict__ x, const acc_t* mean, Tiling t,
+                                                        const scalar_t* __restrict__ x, const acc_t* mean,
+                                                        int64_t mean_stride, Tiling t,
                                                         Sums<acc_t>* __restrict__ partial) {
   const ThreadSlice s = slice_of<VEC>(t, Walk::backwards);
   Sums<acc_t> slots[VEC];
   acc_t mu[VEC];
-  for (int k = 0; k < VEC; ++k) mu[k] = s.active ? mean[s.group * t.channels + s.channel + k * s.channel_step] : acc_t(0);
+  for (int k = 0; k < VEC; ++k) mu[k] = s.active ? mean[s.group * mean_stride + s.channel + k * s.channel_step] : acc_t(0);
   for_each_vector<VEC>(s, [&](int64_t at) {
     const Pack<scalar_t, VEC> d = load<VEC>(dy + at), v = load<VEC>(x + at);
 #pragma unroll
@@ -313,20 +314,27 @@ __global__ void __launch_bounds__(kThreads) merge_partials_kernel(const T* parti
   if (row == 0 && pair < pairs) shared[slot].write(first, second, pair);
 }
 
-// y = (x - mean) * invstd * w + b
+// Per-(group, channel) values and their row strides between groups (C, or 0 when shared), and the
+// per-group scale (TEBN's) or nullptr.
+template <typename acc_t>
+struct GroupValues {
+  const acc_t *mean, *var, *weight, *bias, *scale;
+  int64_t stat_stride, weight_stride, bias_stride;
+};
+
+// y = ((x - mean) * invstd * w + b) * scale[g]
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads) elemt_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Tiling t,
-                                                         const acc_t* mean,
-                                                         const acc_t* var, const acc_t* weight, const acc_t* bias,
-                                                         acc_t eps) {
+                                                         GroupValues<acc_t> p, acc_t eps) {
   const ThreadSlice s = slice_of<VEC>(t, Walk::forwards);
   if (!s.active) return;
   acc_t mu[VEC], scale[VEC], shift[VEC];
+  const acc_t step = p.scale ? p.scale[s.group] : acc_t(1);
   for (int k = 0; k < VEC; ++k) {
-    const int64_t c = s.channel + k * s.channel_step, gc = s.group * t.channels + c;
-    mu[k] = mean[gc];
-    scale[k] = (weight ? weight[c] : acc_t(1)) * inverse_sqrt(var[gc] + eps);
-    shift[k] = bias ? bias[c] : acc_t(0);
+    const int64_t c = s.channel + k * s.channel_step, gc = s.group * p.stat_stride + c;
+    mu[k] = p.mean[gc];
+    scale[k] = step * (p.weight ? p.weight[s.group * p.weight_stride + c] : acc_t(1)) * inverse_sqrt(p.var[gc] + eps);
+    shift[k] = step * (p.bias ? p.bias[s.group * p.bias_stride + c] : acc_t(0));
   }
   for_each_vector<VEC>(s, [&](int64_t at) {
     const Pack<scalar_t, VEC> v = load<VEC>(x + at);
@@ -339,22 +347,24 @@ __global__ void __launch_bounds__(kThreads) elemt_kernel(const scalar_t* __restr
   });
 }
 
-// dx = (dy - sum_dy / n) * invstd * w - (x - mean) * invstd^3 * w * sum_dy_xmu / n
+// dx = (dy * scale[g] - sum_dy / n) * invstd * w - (x - mean) * invstd^3 * w * sum_dy_xmu / n
+// (sum_dy, sum_dy_xmu: of dy * scale, with the statistics' stride)
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads) backward_elemt_kernel(
     const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx, Tiling t,
-    const acc_t* mean, const acc_t* var,
-    const acc_t* weight, const acc_t* sum_dy, const acc_t* sum_dy_xmu, acc_t eps, acc_t count) {
+    GroupValues<acc_t> p, const acc_t* sum_dy, const acc_t* sum_dy_xmu, acc_t eps, acc_t count) {
   const ThreadSlice s = slice_of<VEC>(t, Walk::forwards);
   if (!s.active) return;
-  acc_t mu[VEC], dy_mean[VEC], scale[VEC], xmu_scale[VEC];
+  acc_t mu[VEC], shift[VEC], scale[VEC], xmu_scale[VEC];
+  const acc_t step = p.scale ? p.scale[s.group] : acc_t(1);
   for (int k = 0; k < VEC; ++k) {
-    const int64_t c = s.channel + k * s.channel_step, gc = s.group * t.channels + c;
-    const acc_t invstd = inverse_sqrt(var[gc] + eps);
-    mu[k] = mean[gc];
-    dy_mean[k] = sum_dy[gc] / count;
-    scale[k] = invstd * (weight ? weight[c] : acc_t(1));
-    xmu_scale[k] = scale[k] * invstd * invstd * sum_dy_xmu[gc] / count;
+    const int64_t c = s.channel + k * s.channel_step, gc = s.group * p.stat_stride + c;
+    const acc_t invstd = inverse_sqrt(p.var[gc] + eps);
+    const acc_t w = invstd * (p.weight ? p.weight[s.group * p.weight_stride + c] : acc_t(1));
+    mu[k] = p.mean[gc];
+    scale[k] = w * step;
+    shift[k] = w * sum_dy[gc] / count;
+    xmu_scale[k] = w * invstd * invstd * sum_dy_xmu[gc] / count;
   }
   for_each_vector<VEC>(s, [&](int64_t at) {
     const Pack<scalar_t, VEC> d = load<VEC>(dy + at), v = load<VEC>(x + at);
@@ -362,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) backward_elemt_kernel(
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const acc_t g = static_cast<acc_t>(d.value[k]), xmu = static_cast<acc_t>(v.value[k]) - mu[k];
-      out.value[k] = static_cast<scalar_t>((g - dy_mean[k]) * scale[k] - xmu * xmu_scale[k]);
+      out.value[k] = static_cast<scalar_t>(g * scale[k] - shift[k] - xmu * xmu_scale[k]);
     }
     store<VEC>(dx + at, out);
   });
@@ -370,35 +380,37 @@ __global__ void __launch_bounds__(kThreads) backward_elemt_kernel(
 
 // Running statistics, group by group in time order, and num_batches_tracked, on the device (one
 // block: the counter is read by every channel before it is advanced).
+// Running statistics [C] are updated group by group; [G, C] ones row by row, one batch counted.
 template <typename scalar_t, typename stat_t>
 __global__ void __launch_bounds__(kThreads) update_stats_kernel(
     const stat_t* mean, const stat_t* var, int64_t groups, int64_t channels, double count, scalar_t* running_mean,
-    scalar_t* running_var, int64_t* batches, double momentum, bool cumulative) {
+    scalar_t* running_var, bool rows, int64_t* batches, double momentum, bool cumulative) {
   const int64_t before = batches ? *batches : 0;
   for (int64_t c = threadIdx.x; c < channels; c += blockDim.x) {
     for (int64_t g = 0; g < groups; ++g) {
-      const double factor = cumulative ? 1.0 / static_cast<double>(before + g + 1) : momentum;
-      const double m = static_cast<double>(running_mean[c]), v = static_cast<double>(running_var[c]);
-      running_mean[c] = static_cast<scalar_t>((1 - factor) * m + factor * static_cast<double>(mean[g * channels + c]));
-      running_var[c] = static_cast<scalar_t>((1 - factor) * v + factor * static_cast<double>(var[g * channels + c]) * count / (count - 1));
+      const double factor = cumulative ? 1.0 / static_cast<double>(before + (rows ? 1 : g + 1)) : momentum;
+      const int64_t at = (rows ? g * channels : 0) + c;
+      const double m = static_cast<double>(running_mean[at]), v = static_cast<double>(running_var[at]);
+      running_mean[at] = static_cast<scalar_t>((1 - factor) * m + factor * static_cast<double>(mean[g * channels + c]));
+      running_var[at] = static_cast<scalar_t>((1 - factor) * v + factor * static_cast<double>(var[g * channels + c]) * count / (count - 1));
     }
   }
   __syncthreads();
-  if (threadIdx.x == 0 && batches) *batches = before + groups;
+  if (threadIdx.x == 0 && batches) *batches = before + (rows ? 1 : groups);
 }
 
 // ---- Launch sequences: shared by the CUDA ops and the CPU emulation. `launch(kernel, grid,
 // block, args...)` runs a kernel on the current stream; `launch.multiprocessors()` sizes grids.
 
-template <typename acc_t>
-const acc_t* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
-}
+using detail::accumulation_typed;
+using detail::data_or_null;
+using detail::group_stride;
 
-// A per-channel tensor as dense values of the accumulation type; undefined if absent.
-inline at::Tensor per_channel(const std::optional<at::Tensor>& t, const at::Tensor& input) {
-  return t.has_value() && t->defined() ? detail::dense(detail::cast(*t, at::toOpMathType(input.scalar_type())))
-                                       : at::Tensor();
+template <typename acc_t>
+GroupValues<acc_t> group_values(const at::Tensor& m, const at::Tensor& v, const at::Tensor& w, const at::Tensor& b,
+                                const at::Tensor& scale, int64_t channels) {
+  return {m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), data_or_null<acc_t>(w), data_or_null<acc_t>(b),
+          data_or_null<acc_t>(scale), group_stride(m, channels), group_stride(w, channels), group_stride(b, channels)};
 }
 
 // Calls f(std::integral_constant<int, VEC>) with 16-byte vectors when the vectorised axis and
@@ -460,11 +472,12 @@ std::tuple<at::Tensor, at::Tensor> launch_stats(const at::Tensor& input, int64_t
 template <typename Launch>
 at::Tensor launch_elemt(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
-                        int64_t groups, const Launch& launch) {
-  detail::check_elemt_arguments(input, mean, var, weight, bias, eps, groups);
+                        int64_t groups, const std::optional<at::Tensor>& scale, const Launch& launch) {
+  detail::check_elemt_arguments(input, mean, var, weight, bias, eps, groups, scale);
   auto [x, layout] = detail::batch_norm_layout(input, groups);
-  const at::Tensor m = per_channel(mean, input), v = per_channel(var, input);
-  const at::Tensor w = per_channel(weight, input), b = per_channel(bias, input);
+  const at::Tensor m = accumulation_typed(mean, input), v = accumulation_typed(var, input);
+  const at::Tensor w = accumulation_typed(weight, input), b = accumulation_typed(bias, input);
+  const at::Tensor s = accumulation_typed(scale, input);
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_elemt", [&] {
@@ -473,8 +486,8 @@ at::Tensor launch_elemt(const at::Tensor& input, const at::Tensor& mean, const a
       constexpr int VEC = decltype(width)::value;
       const Tiling t = plan_tiling(layout, VEC, launch.multiprocessors());
       launch(elemt_kernel<scalar_t, acc_t, VEC>, grid_of(t), block_of(t), x.const_data_ptr<scalar_t>(),
-             out.data_ptr<scalar_t>(), t, m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(),
-             data_or_null<acc_t>(w), data_or_null<acc_t>(b), static_cast<acc_t>(eps));
+             out.data_ptr<scalar_t>(), t, group_values<acc_t>(m, v, w, b, s, layout.channels),
+             static_cast<acc_t>(eps));
     });
   });
   return out;
@@ -486,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor> launch_backward_reduce(const at::Tensor& grad
                                                           const Launch& launch) {
   detail::check_backward_reduce_arguments(grad_output, input, mean, groups);
   auto [x, layout] = detail::batch_norm_layout(input, groups);
-  const at::Tensor dy = detail::like_layout(grad_output, layout), mu = per_channel(mean, input);
+  const at::Tensor dy = detail::like_layout(grad_output, layout), mu = accumulation_typed(mean, input);
   const int64_t pairs = groups * layout.channels;
   at::Tensor sum_dy = at::empty({groups, layout.channels}, mu.options());
   at::Tensor sum_dy_xmu = at::empty({groups, layout.channels}, mu.options());
@@ -500,7 +513,8 @@ std::tuple<at::Tensor, at::Tensor> launch_backward_reduce(const at::Tensor& grad
       at::Tensor partial = at::empty({pairs, t.splits, 2}, mu.options());
       auto* partial_sums = reinterpret_cast<Sums<acc_t>*>(partial.data_ptr<acc_t>());
       launch(sums_kernel<scalar_t, acc_t, VEC>, grid_of(t), block_of(t), dy.const_data_ptr<scalar_t>(),
-             x.const_data_ptr<scalar_t>(), mu.const_data_ptr<acc_t>(), t, partial_sums);
+             x.const_data_ptr<scalar_t>(), mu.const_data_ptr<acc_t>(), group_stride(mu, layout.channels), t,
+             partial_sums);
       launch_merge(static_cast<const Sums<acc_t>*>(partial_sums), pairs, t.splits, sum_dy.data_ptr<acc_t>(),
                    sum_dy_xmu.data_ptr<acc_t>(), launch);
     });
@@ -512,12 +526,14 @@ template <typename Launch>
 at::Tensor launch_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
                                  const at::Tensor& var, const std::optional<at::Tensor>& weight,
                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, double eps, int64_t count,
-                                 int64_t groups, const Launch& launch) {
-  detail::check_backward_elemt_arguments(grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, eps, count, groups);
+                                 int64_t groups, const std::optional<at::Tensor>& scale, const Launch& launch) {
+  detail::check_backward_elemt_arguments(
+      grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, eps, count, groups, scale);
   auto [x, layout] = detail::batch_norm_layout(input, groups);
   const at::Tensor dy = detail::like_layout(grad_output, layout);
-  const at::Tensor m = per_channel(mean, input), v = per_channel(var, input), w = per_channel(weight, input);
-  const at::Tensor sd = per_channel(sum_dy, input), sdx = per_channel(sum_dy_xmu, input);
+  const at::Tensor m = accumulation_typed(mean, input), v = accumulation_typed(var, input);
+  const at::Tensor w = accumulation_typed(weight, input), s = accumulation_typed(scale, input);
+  const at::Tensor sd = accumulation_typed(sum_dy, input), sdx = accumulation_typed(sum_dy_xmu, input);
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward_elemt", [&] {
@@ -527,7 +543,7 @@ at::Tensor launch_backward_elemt(const at::Tensor& grad_output, const at::Tensor
       const Tiling t = plan_tiling(layout, VEC, launch.multiprocessors());
       launch(backward_elemt_kernel<scalar_t, acc_t, VEC>, grid_of(t), block_of(t),
              dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), t,
-             m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), data_or_null<acc_t>(w),
+             group_values<acc_t>(m, v, w, at::Tensor(), s, layout.channels),
              sd.const_data_ptr<acc_t>(), sdx.const_data_ptr<acc_t>(), static_cast<acc_t>(eps),
              static_cast<acc_t>(count));
     });
@@ -541,10 +557,11 @@ void launch_update_stats(const at::Tensor& mean, const at::Tensor& var, int64_t 
                          const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
                          const Launch& launch) {
   detail::check_update_stats_arguments(mean, var, count, running_mean, running_var, num_batches_tracked);
-  const int64_t channels = running_mean.numel();
+  const int64_t channels = mean.size(1);
+  const bool rows = running_mean.dim() == 2;
   const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
   if (count == 0) {  // an empty batch is counted, as torch.nn counts it, and leaves the statistics
-    if (tracked) num_batches_tracked->add_(mean.size(0));
+    if (tracked) num_batches_tracked->add_(rows ? 1 : mean.size(0));
     return;
   }
   // float statistics stay float (no cast kernels); the update itself runs in double
@@ -556,7 +573,7 @@ void launch_update_stats(const at::Tensor& mean, const at::Tensor& var, int64_t 
       using stat_t = decltype(stat);
       launch(update_stats_kernel<scalar_t, stat_t>, dim3(1), dim3(kThreads), m.const_data_ptr<stat_t>(),
              v.const_data_ptr<stat_t>(), mean.size(0), channels, static_cast<double>(count),
-             running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), batches, momentum.value_or(0.0),
+             running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), rows, batches, momentum.value_or(0.0),
              !momentum.has_value() && tracked);
     };
     stat_type == at::kDouble ? run(double{}) : run(float{});

@@ -24,8 +24,8 @@ std::tuple<at::Tensor, at::Tensor> stats_meta(const at::Tensor& input, int64_t g
 
 at::Tensor elemt_meta(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
-                      int64_t groups) {
-  check_elemt_arguments(input, mean, var, weight, bias, eps, groups);
+                      int64_t groups, const std::optional<at::Tensor>& scale) {
+  check_elemt_arguments(input, mean, var, weight, bias, eps, groups, scale);
   return at::empty_like(input);
 }
 
@@ -38,8 +38,9 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_meta(
 at::Tensor backward_elemt_meta(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
     const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, double eps,
-    c10::SymInt count, int64_t groups) {
-  check_backward_elemt_arguments(grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, eps, count, groups);
+    c10::SymInt count, int64_t groups, const std::optional<at::Tensor>& scale) {
+  check_backward_elemt_arguments(
+      grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, eps, count, groups, scale);
   return at::empty_like(input);
 }
 
