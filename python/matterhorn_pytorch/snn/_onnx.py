@@ -4,7 +4,8 @@ instead of the ``torch.ops.matterhorn`` ops while ``torch.onnx.export`` runs: bo
 standard ONNX translations (Conv, ConvTranspose, Gemm / MatMul, LayerNormalization,
 Reshape, Pad, ReduceMean, Sub, Mul ...), and no custom ONNX domain is needed.
 
-Each function takes the arguments of the op of the same name. Everywhere else (eager,
+Each function takes the arguments of the op of the same name (``batch_norm``: the layer op
+``batch_norm_layer``'s). Everywhere else (eager,
 TorchScript, torch.compile, torch.export, C++) the ops run; these functions are
 ``torch.jit.unused``, so a scripted layer holds none of them."""
 
@@ -92,31 +93,51 @@ def conv_transpose(input: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return _unfold(output, input, multi_step)
 
 
+def _laid_over(t: torch.Tensor, input: torch.Tensor, channel: int, time: int) -> torch.Tensor:
+    """``t`` broadcast over ``input``: [C] along the channels, [T, C] (per step) along time and
+    the channels."""
+    shape = [1] * input.dim()
+    if t.dim() == 2:
+        shape[time], shape[channel] = t.shape[0], t.shape[1]
+    else:
+        shape[channel] = -1
+    return t.view(shape)
+
+
 @torch.jit.unused
 def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-               num_batches_tracked: Optional[torch.Tensor], training: bool, momentum: Optional[float], eps: float,
-               num_features: int, dims: int, multi_step_mode: bool, per_step: bool = False,
-               batch_first: bool = False) -> torch.Tensor:
+               num_batches_tracked: Optional[torch.Tensor], training: bool, momentum: Optional[float],
+               eps: float, layer: str, num_features: int, multi_step_mode: bool, per_step: bool = False,
+               batch_first: bool = False, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """matterhorn::batch_norm_layer's arguments and layout rules (ops/batch_norm_layer.cpp: the
+    layer's name ends in its 1d/2d/3d; a scale per step or per-step parameters make it a
+    multi-step layer), as per-channel arithmetic broadcast over the unfolded input: no reshape,
+    whose computed sizes would leave the TorchScript exporter without the channel count."""
+    dims = int(layer[-2])
+    per_step_tensors = (weight is not None and weight.dim() == 2) or (running_mean is not None and running_mean.dim() == 2)
+    multi_step_mode = multi_step_mode or scale is not None or per_step_tensors
     multi_step = (input.dim() == 4 or (input.dim() == 3 and multi_step_mode)) if dims == 1 else input.dim() == dims + 3
-    # Per-channel arithmetic broadcast over the unfolded input: no reshape, whose computed sizes
-    # would leave the TorchScript exporter without the channel count.
     channel = 2 if multi_step else 1
-    shape = [-1] + [1] * (input.dim() - channel - 1)
+    time = 1 if batch_first else 0
     if running_mean is not None and running_var is not None and not training:
-        # Running statistics (shared by every step with per_step).
-        mean, var = running_mean.view(shape), running_var.view(shape)
+        # Running statistics: shared by every step (per_step too), or one row per step (BNTT).
+        mean, var = _laid_over(running_mean, input, channel, time), _laid_over(running_var, input, channel, time)
     else:
         # Batch statistics over every dimension but the channels (and time, per step). The graph
         # computes the output only: running statistics are not updated.
-        time = 1 if batch_first else 0
-        reduce = [d for d in range(input.dim()) if d != channel and not (per_step and multi_step and d == time)]
+        by_step = multi_step and (per_step or per_step_tensors)
+        reduce = [d for d in range(input.dim()) if d != channel and not (by_step and d == time)]
         var, mean = torch.var_mean(input, reduce, correction=0, keepdim=True)
     output = (input - mean) * torch.rsqrt(var + eps)
     if weight is not None:
-        output = output * weight.view(shape)
+        output = output * _laid_over(weight, input, channel, time)
     if bias is not None:
-        output = output + bias.view(shape)
+        output = output + _laid_over(bias, input, channel, time)
+    if scale is not None:  # TEBN: step t scaled by scale[t]
+        shape = [1] * input.dim()
+        shape[time] = -1
+        output = output * scale.view(shape)
     return output.to(input.dtype)
 
 
