@@ -154,6 +154,54 @@ def test_running_statistics_match_the_cpu_kernel(emulated, momentum, dtype):
     assert int(ours[2]) == 7
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+@pytest.mark.parametrize("statistics", ["per-group", "shared"])
+@pytest.mark.parametrize("parameters", ["per-channel", "per-group"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["no-scale", "scale"])
+def test_per_group_values_and_scale_match_the_cpu_kernels(emulated, channels_last, statistics, parameters, scaled):
+    """The temporal layers' element passes: statistics [G, C] or shared [1, C], weight and bias [C]
+    or [G, C], a scale [G] (TEBN), in 16-byte vectors (C = 8) and single values (misaligned)."""
+    G, C = 3, 8
+    x = fenced((6, C, 4, 4), torch.float32, channels_last)
+    dy = fenced((6, C, 4, 4), torch.float32, channels_last)
+    rows = G if statistics == "per-group" else 1
+    mean, var = torch.randn(rows, C), torch.rand(rows, C) + 0.5
+    w, b = (torch.randn(G, C), torch.randn(G, C)) if parameters == "per-group" else (torch.randn(C), torch.randn(C))
+    scale = torch.rand(G) + 0.5 if scaled else None
+    cpu = torch.ops.matterhorn
+    torch.testing.assert_close(emulated.batch_norm_elemt(x, mean, var, w, b, 1e-5, G, 4, scale),
+                               cpu.batch_norm_elemt(x, mean, var, w, b, 1e-5, G, scale), **TOLERANCE[torch.float32])
+    sums = emulated.batch_norm_backward_reduce(dy, x, mean, G, 4)
+    for a, b_ in zip(sums, cpu.batch_norm_backward_reduce(dy, x, mean, G)):
+        torch.testing.assert_close(a, b_, **TOLERANCE[torch.float32])
+    sum_dy, sum_dy_xmu = (t[:rows] for t in sums)
+    count = 6 * 16 // rows
+    if parameters == "per-group" and statistics == "shared":  # dx's sums would run over changing weights
+        for op in (lambda: emulated.batch_norm_backward_elemt(dy, x, mean, var, w, sum_dy, sum_dy_xmu, 1e-5, count,
+                                                              G, 4, scale),
+                   lambda: cpu.batch_norm_backward_elemt(dy, x, mean, var, w, sum_dy, sum_dy_xmu, 1e-5, count, G,
+                                                         scale)):
+            with pytest.raises(ValueError, match="a weight per group needs statistics per group"):
+                op()
+        return
+    torch.testing.assert_close(
+        emulated.batch_norm_backward_elemt(dy, x, mean, var, w, sum_dy, sum_dy_xmu, 1e-5, count, G, 4, scale),
+        cpu.batch_norm_backward_elemt(dy, x, mean, var, w, sum_dy, sum_dy_xmu, 1e-5, count, G, scale),
+        **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_per_group_rows_match_the_cpu_kernel(emulated, momentum):
+    mean, var = torch.randn(3, 7), torch.rand(3, 7) + 0.1
+    state = [torch.randn(3, 7), torch.rand(3, 7) + 0.5, torch.tensor(4)]
+    ours = [t.clone() for t in state]
+    emulated.batch_norm_update_stats(mean, var, 20, *ours, momentum)
+    torch.ops.matterhorn.batch_norm_update_stats(mean, var, 20, *state, momentum)
+    for a, b in zip(ours, state):
+        torch.testing.assert_close(a, b)
+    assert int(ours[2]) == 5  # one batch counted for [G, C] rows
+
+
 def test_the_grid_fills_the_card_on_the_anchor_cases(emulated):
     """The plans for bench/bench_gpu.py's 1 GiB BatchNorm case on an H200 (132 SMs): several waves of blocks, each
     thread streaming many 16-byte vectors, grid dimensions within the hardware's limits."""

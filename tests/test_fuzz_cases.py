@@ -1111,6 +1111,61 @@ def test_batch_norm_op(data):
         assert got is None or torch.equal(got, want), "the core op updated the running statistics differently"
 
 
+TEMPORAL_NORMS = [f"{kind}{d}d" for kind in ("ThresholdDependentBatchNorm", "TemporalEffectiveBatchNorm",
+                                             "BatchNormThroughTime") for d in (1, 2, 3)]
+
+
+@case
+@given(data=st.data())
+def test_temporal_norm_layers(data):
+    """tdBN, TEBN and BNTT on drawn shapes (zero sizes included), layouts and options, and inputs
+    whose T is not the layer's: the plain-torch definition's result (tests/test_temporal_norm.py),
+    the same running statistics, or a clean error naming the layer."""
+    from test_temporal_norm import bntt_definition, tdbn_definition, tebn_definition  # noqa: PLC0415
+    name = data.draw(st.sampled_from(TEMPORAL_NORMS), label="layer")
+    dims = int(name[-2])
+    C, T = data.draw(st.integers(1, 3), label="C"), data.draw(st.integers(1, 3), label="T")
+    steps = data.draw(st.sampled_from([T] * 5 + [T + 1, 0]), label="input T")
+    B = data.draw(st.integers(0, 3), label="B")
+    spatial = [data.draw(st.integers(0, 3), label="spatial")
+               for _ in range(dims if dims > 1 else data.draw(st.integers(0, 1), label="L?"))]
+    kwargs = dict(momentum=data.draw(st.sampled_from([0.1, None]), label="momentum"),
+                  affine=data.draw(st.booleans(), label="affine"),
+                  track_running_stats=data.draw(st.booleans(), label="track_running_stats"),
+                  batch_first=data.draw(st.booleans(), label="batch_first"), dtype=torch.float64)
+    training = data.draw(st.booleans(), label="training")
+    seed = data.draw(seeds, label="seed")
+    leading = (0.5, 2.0) if name.startswith("Threshold") else (T,)
+    layer = getattr(mth.snn, name)(*leading, C, **kwargs).train(training)
+    randomize_parameters(layer, seed)
+    shape = ([B, steps] if kwargs["batch_first"] else [steps, B]) + [C] + spatial
+    x = make_tensor(shape, torch.float64, data.draw(st.sampled_from(LAYOUTS), label="layout"), "cpu", seed,
+                    channel_dim=2)
+    params = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    state = [None if b is None else b.clone() for b in (layer.running_mean, layer.running_var,
+                                                        layer.num_batches_tracked)]
+    record(f"{name}({leading}, {C}, {kwargs}).train({training})({describe(x)})")
+    result = outcome(lambda: layer(x))
+
+    def reference():
+        assert name.startswith("Threshold") or steps == T, "the input's T is not the layer's"
+        definition = tdbn_definition if name.startswith("Threshold") else \
+            tebn_definition if name.startswith("TemporalEffective") else bntt_definition
+        time_major = x.transpose(0, 1) if kwargs["batch_first"] else x
+        y = definition(time_major, params, state, training, layer.momentum, layer.eps)
+        return y.transpose(0, 1) if kwargs["batch_first"] else y
+    expected = outcome(reference)
+    if isinstance(expected, Raised):
+        check_clean_error(result, name)
+        return
+    assert not isinstance(result, Raised), f"the definition returns {describe(expected)}, {name} {result!r}"
+    scale = 1 + (expected.abs().max().item() if expected.numel() else 0)
+    torch.testing.assert_close(result, expected, rtol=1e-9, atol=1e-9 * scale, equal_nan=True)
+    for got, want in zip((layer.running_mean, layer.running_var, layer.num_batches_tracked), state):
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
 # ---- LayerNorm ops ------------------------------------------------------------------------------
 
 def draw_layer_norm_input(data, seed):
@@ -1509,4 +1564,5 @@ FUZZED_LAYERS = {
     "Linear": test_linear_layer, **{n: test_conv_layers for n in CONVS},
     **{n: test_batch_norm_layers for n in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")},
     "LayerNorm": test_layer_norm_layer, **{n: test_weight_standardized_layers for n in WS_LAYERS},
+    **{n: test_temporal_norm_layers for n in TEMPORAL_NORMS},
 }
