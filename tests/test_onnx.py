@@ -1,7 +1,7 @@
 """ONNX export: a network of every layer, in both modes, unfused and fused (mth.fuse), exported
 with both of torch.onnx's exporters by a plain ``torch.onnx.export`` call, holds only standard ONNX
 operators (the default domain, no custom one), and ONNX Runtime's output equals eager's, with
-dynamic T and B (both exporters take them)."""
+dynamic T and B (both exporters take them; the temporal normalizations fix T)."""
 
 import warnings
 
@@ -202,3 +202,54 @@ def test_the_layers_see_torchs_own_export_flag(dynamo, tmp_path):
         torch.onnx.export(Probe(), (torch.zeros(2),), tmp_path / "probe.onnx", dynamo=dynamo)
     assert seen and all(ours and torchs for ours, torchs in seen), seen
     assert not _onnx.exporting() and not torch.onnx.is_in_onnx_export()
+
+
+class Temporal(nn.Module):
+    """The temporal normalizations (multi-step only, T fixed by TEBN's and BNTT's parameters),
+    unfused and fused (tdBN folds into the convolution; TEBN and BNTT stay)."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        m = dict(batch_first=batch_first)
+        self.net = nn.Sequential(
+            snn.Conv2d(2, 3, 3, padding=1, **m), snn.ThresholdDependentBatchNorm2d(1.0, 0.5, 3, **m),
+            snn.TemporalEffectiveBatchNorm2d(T, 3, **m), snn.BatchNormThroughTime2d(T, 3, **m),
+            snn.BatchNormThroughTime2d(T, 3, track_running_stats=False, **m))
+        with torch.no_grad():
+            self.net[2].scale.uniform_(0.5, 2)
+            self.net[3].weight.uniform_(0.5, 2)
+        randomised(self.net)
+        self.fused = mth.fuse(self.net)
+        self.eval()
+
+    def forward(self, x: torch.Tensor):
+        return self.net(x), self.fused(x)
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch_first"])
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_temporal_normalizations(dynamo, batch_first, tmp_path):
+    model = Temporal(batch_first)
+    assert isinstance(model.fused[1], nn.Identity) and isinstance(model.fused[2], snn.TemporalEffectiveBatchNorm2d)
+    batch = 0 if batch_first else 1
+    shape = lambda b: (b, T, 2, 5, 5) if batch_first else (T, b, 2, 5, 5)  # noqa: E731
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(model, (spikes(*shape(B)),), path, dynamic_shapes=({batch: torch.export.Dim("B")},))
+        else:
+            torch.onnx.export(model, (spikes(*shape(B)),), path, dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {batch: "B"}})
+    assert_standard_operators(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b in [B, 5]:
+        x = spikes(*shape(b))
+        outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            expected = model(x)
+        for output, eager in zip(outputs, expected):
+            # Sums of 18 terms, then four normalisations of a few roundings each.
+            bound = 2 * 4 * sum_error(18 + 8) * eager.abs().max().item()
+            error = (torch.from_numpy(output) - eager).abs().max().item()
+            assert error <= bound, f"ONNX Runtime's output off by {error:.3g}, {bound:.3g} allowed"
