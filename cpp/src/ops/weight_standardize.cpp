@@ -17,7 +17,7 @@
 #include <torch/library.h>
 
 #include "matterhorn/ops/weight_standardize.h"
-#include "ops/batch_norm.h"  // cast
+#include "ops/norm_common.h"  // cast
 #include "ops/checks.h"
 
 namespace matterhorn::ops {

@@ -15,7 +15,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
-#include "ops/batch_norm.h"  // cast, dense
+#include "ops/norm_common.h"  // cast, dense
 #include "ops/cpu/dispatch.h"
 #include "ops/cpu/vectorized.h"
 #include "ops/weight_standardize.h"
