@@ -109,7 +109,8 @@ def rounding_bounds(sample, layer, x, dy, leading, u):
     rows = w.flatten(1)
     shape = (-1,) + (1,) * (w.dim() - 1)
     rstd = 1 / ((rows.var(1) * rows.shape[1]).sqrt() + layer.eps)
-    w_hat = ((w - rows.mean(1).view(shape)) * rstd.view(shape)).abs()
+    mean = rows.mean(1).view(shape)
+    w_hat = ((w - mean).abs() + mean.abs()) * rstd.view(shape)  # |w - mean| rounds relative to this
     twin = sample.twin()
     ax = x.detach().double().abs().flatten(0, len(leading) - 1).requires_grad_()
     aw = w_std.clone().requires_grad_()
