@@ -110,7 +110,8 @@ def assert_standard_operators(path):
 
     all_nodes = list(nodes(model.graph)) + [n for function in model.functions for n in function.node]
     assert not model.functions or all(f.domain in ("", "ai.onnx") for f in model.functions), model.functions
-    custom = {(n.domain, n.op_type) for n in all_nodes if n.domain not in ("", "ai.onnx") or not onnx.defs.has(n.op_type)}
+    custom = {(n.domain, n.op_type) for n in all_nodes
+              if n.domain not in ("", "ai.onnx") or not onnx.defs.has(n.op_type)}
     assert not custom, custom
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}, model.opset_import
     return {n.op_type for n in all_nodes}

@@ -106,7 +106,8 @@ def fuse(model: nn.Module) -> nn.Module:
     training = [name or type(model).__name__ for name, module in model.named_modules() if module.training]
     if training:
         raise ValueError(
-            "mth.fuse: the model is in training mode (" + ", ".join(training[:3]) + (", ..." if len(training) > 3 else "")
+            "mth.fuse: the model is in training mode ("
+            + ", ".join(training[:3]) + (", ..." if len(training) > 3 else "")
             + "); folding uses the running statistics that training changes: call model.eval() first")
     fused = copy.deepcopy(model)
     for name, module in list(fused.named_modules()):

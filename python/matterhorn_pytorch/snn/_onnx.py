@@ -86,9 +86,9 @@ def conv_transpose(input: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     x = _fold(input, multi_step)
     if output_size is not None:  # spatial sizes, or the whole output shape
         sizes = list(output_size)[-spatial:]
-        output_padding = [
-            int(size) - ((int(x.shape[2 + d]) - 1) * stride[d] - 2 * padding[d] + dilation[d] * (weight.shape[2 + d] - 1) + 1)
-            for d, size in enumerate(sizes)]
+        smallest = [(int(x.shape[2 + d]) - 1) * stride[d] - 2 * padding[d] + dilation[d] * (weight.shape[2 + d] - 1) + 1
+                    for d in range(spatial)]
+        output_padding = [int(size) - smallest[d] for d, size in enumerate(sizes)]
     output = _CONV_TRANSPOSE[spatial - 1](x, weight, bias, stride, padding, output_padding, groups, dilation)
     return _unfold(output, input, multi_step)
 
@@ -115,7 +115,7 @@ def batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     multi-step layer), as per-channel arithmetic broadcast over the unfolded input: no reshape,
     whose computed sizes would leave the TorchScript exporter without the channel count."""
     dims = int(layer[-2])
-    per_step_tensors = (weight is not None and weight.dim() == 2) or (running_mean is not None and running_mean.dim() == 2)
+    per_step_tensors = any(t is not None and t.dim() == 2 for t in (weight, running_mean))
     multi_step_mode = multi_step_mode or scale is not None or per_step_tensors
     multi_step = (input.dim() == 4 or (input.dim() == 3 and multi_step_mode)) if dims == 1 else input.dim() == dims + 3
     channel = 2 if multi_step else 1
