@@ -36,7 +36,7 @@ def test_every_layer_has_its_parameters_in_its_init():
     for name in LAYERS:
         parameters = inspect.signature(getattr(mth.snn, name).__init__).parameters
         assert not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters.values()), name
-        assert "multi_time_step" in parameters, name
+        assert "batch_first" in parameters, name
 
 
 def test_the_user_script_builds_and_calls_every_layer():

@@ -29,3 +29,9 @@ for standardized in (mth.snn.WSConv1d(3, 4, 3, affine=False, eps=1e-5), mth.snn.
 y = mth.snn.WSLinear(8, 5, True, True, 1e-6, spike_input=True)(spikes)
 attention = mth.snn.MultiheadAttention(8, 2, dropout=0.0, kdim=8, vdim=8, batch_first=False)
 attended: Tuple[torch.Tensor, Optional[torch.Tensor]] = attention(x, x, x, need_weights=False, is_causal=False)
+for temporal in (mth.snn.ThresholdDependentBatchNorm1d(1.0, 0.5, 3), mth.snn.ThresholdDependentBatchNorm2d(1.0, 0.5, 3),
+                 mth.snn.ThresholdDependentBatchNorm3d(1.0, 0.5, 3, eps=1e-5, momentum=None),
+                 mth.snn.TemporalEffectiveBatchNorm1d(4, 3), mth.snn.TemporalEffectiveBatchNorm2d(4, 3, affine=False),
+                 mth.snn.TemporalEffectiveBatchNorm3d(4, 3, batch_first=True), mth.snn.BatchNormThroughTime1d(4, 3),
+                 mth.snn.BatchNormThroughTime2d(4, 3, sync=False), mth.snn.BatchNormThroughTime3d(4, 3, 1e-5, 0.1)):
+    y = temporal(x)
