@@ -250,11 +250,19 @@ def test_cpp_fuse_matches_python_fuse():
         snn.Conv2d(2, 4, 3, padding=1, bias=False), snn.BatchNorm2d(4),
         snn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), snn.BatchNorm2d(6, affine=False, per_step=True),
         snn.Conv2d(6, 3, 1), snn.LayerNorm([12, 12]), snn.BatchNorm2d(3),  # LayerNorm between: no pair
+        snn.Conv2d(3, 3, 1), snn.ThresholdDependentBatchNorm2d(1.0, 0.5, 3),
+        snn.Conv2d(3, 3, 1), snn.TemporalEffectiveBatchNorm2d(T, 3),  # a scale per step: no pair
+        snn.Conv2d(3, 3, 1), snn.BatchNormThroughTime2d(T, 3),  # statistics per step: no pair
     )).eval()
+    with torch.no_grad():
+        python[10].scale.uniform_(0.5, 2)
     cpp = C.Sequential([
         C.Conv2d(2, 4, [3], padding=[1], bias=False), C.BatchNorm2d(4),
         C.ConvTranspose2d(4, 6, [2], stride=[2], groups=2), C.BatchNorm2d(6, affine=False, per_step=True),
         C.Conv2d(6, 3, [1]), C.LayerNorm([12, 12]), C.BatchNorm2d(3),
+        C.Conv2d(3, 3, [1]), C.ThresholdDependentBatchNorm2d(1.0, 0.5, 3),
+        C.Conv2d(3, 3, [1]), C.TemporalEffectiveBatchNorm2d(T, 3),
+        C.Conv2d(3, 3, [1]), C.BatchNormThroughTime2d(T, 3),
     ])
     state = {**dict(python.named_parameters()), **dict(python.named_buffers())}
     cpp.load_parameters({name: to_dlpack(tensor.detach()) for name, tensor in state.items()})
@@ -272,6 +280,8 @@ def test_cpp_fuse_matches_python_fuse():
     torch.testing.assert_close(from_dlpack(cpp.forward(to_dlpack(x))), python(x))
     assert "1.running_mean" in cpp.named_buffers() and "1.running_mean" not in fused_cpp.named_buffers()
     assert "6.running_mean" in fused_cpp.named_buffers()  # after the LayerNorm: not folded
+    assert "8.running_mean" not in fused_cpp.named_buffers()  # tdBN folds
+    assert {"10.running_mean", "12.running_mean"} <= set(fused_cpp.named_buffers())  # TEBN, BNTT stay
 
     refused = C.Sequential([C.Linear(3, 4), C.BatchNorm1d(4, track_running_stats=False)])
     refused.train(False)

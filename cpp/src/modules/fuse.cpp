@@ -5,11 +5,13 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <ATen/ops/rsqrt.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 #include <torch/nn/modules/linear.h>
 
 #include "matterhorn/snn/conv.h"
@@ -28,11 +30,27 @@ auto first_rank(const Find& find) {
   return result;
 }
 
-// The number of features of `module` if it is one of our BatchNorms.
+// `visit(bn, name)` on `module` if it is one of our BatchNorms whose eval is x * scale + shift
+// per channel (BatchNorm1d/2d/3d, and tdBN, which only initialises differently), else nullopt.
+// TEBN (a scale per step) and BNTT (per-step statistics) are not.
+template <typename Visit>
+auto visit_batch_norm(const torch::nn::Module& module, const Visit& visit) {
+  using Result = decltype(visit(std::declval<const BatchNormImpl<1>&>(), std::string()));
+  return first_rank([&](auto rank) -> Result {
+    constexpr size_t D = decltype(rank)::value;
+    if (const auto* bn = dynamic_cast<const BatchNormImpl<D>*>(&module)) return visit(*bn, c10::str("BatchNorm", D, "d"));
+    using ThresholdDependent = TemporalBatchNormImpl<TemporalNorm::kThresholdDependent, D>;
+    if (const auto* bn = dynamic_cast<const ThresholdDependent*>(&module)) {
+      return visit(*bn, c10::str("ThresholdDependentBatchNorm", D, "d"));
+    }
+    return std::nullopt;
+  });
+}
+
+// The number of features of `module` if it is a BatchNorm that visit_batch_norm knows.
 std::optional<int64_t> batch_norm_features(const torch::nn::Module& module) {
-  return first_rank([&](auto rank) -> std::optional<int64_t> {
-    const auto* bn = dynamic_cast<const BatchNormImpl<decltype(rank)::value>*>(&module);
-    return bn != nullptr ? std::optional<int64_t>(bn->options.num_features()) : std::nullopt;
+  return visit_batch_norm(module, [](const auto& bn, const std::string&) {
+    return std::optional<int64_t>(bn.options.num_features());
   });
 }
 
@@ -52,20 +70,17 @@ struct Affine {
   at::Tensor scale, shift;
 };
 
-// `module` (one of our BatchNorms) as its affine map.
+// `module` (a BatchNorm that visit_batch_norm knows) as its affine map.
 Affine batch_norm_affine(const torch::nn::Module& module, const std::string& where) {
-  return *first_rank([&](auto rank) -> std::optional<Affine> {
-    constexpr size_t D = decltype(rank)::value;
-    const auto* bn = dynamic_cast<const BatchNormImpl<D>*>(&module);
-    if (bn == nullptr) return std::nullopt;
+  return *visit_batch_norm(module, [&](const auto& bn, const std::string& name) -> std::optional<Affine> {
     TORCH_CHECK_VALUE(
-        bn->running_mean.defined() && bn->running_var.defined(), "matterhorn::snn::fuse: ", where, " (BatchNorm", D,
-        "d) has track_running_stats=false, so eval normalises with each batch's statistics, which cannot be folded "
+        bn.running_mean.defined() && bn.running_var.defined(), "matterhorn::snn::fuse: ", where, " (", name,
+        ") has track_running_stats=false, so eval normalises with each batch's statistics, which cannot be folded "
         "into a weight; build it with track_running_stats(true) or take it out of the Sequential");
-    at::Tensor scale = at::rsqrt(bn->running_var.to(at::kDouble) + bn->options.eps());
-    if (bn->weight.defined()) scale = scale * bn->weight.to(at::kDouble);
-    at::Tensor shift = -bn->running_mean.to(at::kDouble) * scale;
-    if (bn->bias.defined()) shift = shift + bn->bias.to(at::kDouble);
+    at::Tensor scale = at::rsqrt(bn.running_var.to(at::kDouble) + bn.options.eps());
+    if (bn.weight.defined()) scale = scale * bn.weight.to(at::kDouble);
+    at::Tensor shift = -bn.running_mean.to(at::kDouble) * scale;
+    if (bn.bias.defined()) shift = shift + bn.bias.to(at::kDouble);
     return Affine{scale, shift};
   });
 }

@@ -239,7 +239,9 @@ void bind_sequential(py::module_& m) {
   cls.def(py::init([](const py::list& items) {
     return sequential_of<snn::Linear, snn::Conv1d, snn::Conv2d, snn::Conv3d, snn::ConvTranspose1d, snn::ConvTranspose2d,
                          snn::ConvTranspose3d, snn::BatchNorm1d, snn::BatchNorm2d, snn::BatchNorm3d,
-                         snn::LayerNorm>(items);
+                         snn::ThresholdDependentBatchNorm1d, snn::ThresholdDependentBatchNorm2d,
+                         snn::ThresholdDependentBatchNorm3d, snn::TemporalEffectiveBatchNorm2d,
+                         snn::BatchNormThroughTime2d, snn::LayerNorm>(items);
   }));
   bind_module_tensors<torch::nn::Sequential>(cls);
   cls.def("fuse", [](const torch::nn::Sequential& self) { return snn::fuse(self); }, "matterhorn::snn::fuse");

@@ -3,7 +3,8 @@
 
 namespace matterhorn::snn {
 
-// A copy of `model` for inference in which each BatchNorm1d/2d/3d that directly follows a Linear,
+// A copy of `model` for inference in which each BatchNorm1d/2d/3d or ThresholdDependentBatchNorm1d/2d/3d
+// (tdBN: a BatchNorm initialised differently) that directly follows a Linear,
 // Conv1d/2d/3d or ConvTranspose1d/2d/3d (all matterhorn::snn modules) with as many output
 // channels as the BatchNorm has features is folded into that layer's weight and bias (computed
 // in float64, cast to the weight's dtype); the BatchNorm's place holds a torch::nn::Identity, so
