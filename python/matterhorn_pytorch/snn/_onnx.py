@@ -1,13 +1,13 @@
-"""The layers' computation in plain ATen calls (torch.nn.functional on the folded tensor), taken
-instead of the ``torch.ops.matterhorn`` ops while ``torch.onnx.export`` runs: both exporters
-(``dynamo=True`` through torch.export, and the TorchScript tracer) then see only ops that have
-standard ONNX translations (Conv, ConvTranspose, Gemm / MatMul, LayerNormalization,
-Reshape, Pad, ReduceMean, Sub, Mul ...), and no custom ONNX domain is needed.
+"""The layers' computation in plain ATen calls (torch.nn.functional on the folded tensor, the
+normalizations broadcast over the unfolded one), taken instead of the ``torch.ops.matterhorn``
+ops while ``torch.onnx.export`` runs: both exporters (``dynamo=True`` through torch.export, and
+the TorchScript tracer) then see only ops that have standard ONNX translations (Conv,
+ConvTranspose, Gemm / MatMul, LayerNormalization, Reshape, Pad, ReduceMean, Sub, Mul ...), and
+no custom ONNX domain is needed.
 
-Each function takes the arguments of the op of the same name (``batch_norm``: the layer op
-``batch_norm_layer``'s). Everywhere else (eager,
-TorchScript, torch.compile, torch.export, C++) the ops run; these functions are
-``torch.jit.unused``, so a scripted layer holds none of them."""
+Each function takes the arguments of the op of the same name (``batch_norm``: those of the layer
+op ``batch_norm_layer``). Everywhere else (eager, TorchScript, torch.compile, torch.export, C++)
+the ops run; these functions are ``torch.jit.unused``, so a scripted layer holds none of them."""
 
 import sys
 from typing import List, Optional
