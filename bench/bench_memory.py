@@ -18,7 +18,9 @@ Measured per build and T:
   (Linux VmHWM, reset through /proc/self/clear_refs), with glibc's mmap threshold fixed so that
   freed tensors go back to the system;
 - step: the median time of a training step (forward, loss, backward), in this process, the builds
-  timed in alternating rounds.
+  timed in alternating rounds (each round in another order); and the median CPU time of single
+  steps, alternating (``time.process_time``: the time this process ran, which other processes on a
+  shared machine change less than the wall time).
 
     .venv/bin/python bench/bench_memory.py [--quick]
 
@@ -32,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -171,8 +174,8 @@ def main():
           f"({machine()})")
     print("| T | kept for backward, MB: fold / ours / ours + spike_input | reduction vs fold | "
           "peak, MB: fold / ours / ours + spike_input | reduction vs fold | "
-          "step, ms: fold / ours / ours + spike_input | spike_input / ours |")
-    print("|---|---|---|---|---|---|---|")
+          "step, ms: fold / ours / ours + spike_input | spike_input / ours | step CPU time: spike_input / ours |")
+    print("|---|---|---|---|---|---|---|---|")
     for T in steps:
         configs = {build: setup(build, T, B) for build in BUILDS}
         kept = {build: kept_bytes(*configs[build]) for build in BUILDS}
@@ -181,14 +184,21 @@ def main():
         for build in BUILDS:  # warm-up
             step[build]()
         times = {build: [] for build in BUILDS}
-        for _ in range(rounds):  # alternating, so that drift hits every build
-            for build in BUILDS:
+        for r in range(rounds):  # alternating, in a rotating order, so that drift and order hit every build
+            for build in BUILDS[r % 3:] + BUILDS[:r % 3]:
                 times[build].append(median_seconds(step[build], min_run_time))
         ms = {build: 1e3 * statistics.median(times[build]) for build in BUILDS}
+        cpu = {build: [] for build in BUILDS}
+        for r in range(3 if args.quick else 15):
+            for build in BUILDS[r % 3:] + BUILDS[:r % 3]:
+                start = time.process_time()
+                step[build]()
+                cpu[build].append(time.process_time() - start)
+        cpu_ratio = statistics.median(cpu[BUILDS[2]]) / statistics.median(cpu["ours"])
         mb = lambda values: " / ".join(f"{values[b] / 2**20:.1f}" for b in BUILDS)  # noqa: E731
         print(f"| {T} | {mb(kept)} | {kept['fold'] / kept[BUILDS[2]]:.2f}x | {mb(peak)} | "
               f"{peak['fold'] / peak[BUILDS[2]]:.2f}x | {' / '.join(f'{ms[b]:.1f}' for b in BUILDS)} | "
-              f"{ms[BUILDS[2]] / ms['ours']:.3f} |", flush=True)
+              f"{ms[BUILDS[2]] / ms['ours']:.3f} | {cpu_ratio:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ echo "gpu_check: built in $((SECONDS - start)) s"
 tests_status=0
 timeout 240 "$PY" -m pytest -q -rf tests/test_cuda.py > "$OUT_DIR/cuda_tests.txt" 2>&1 || tests_status=$?
 tail -n 25 "$OUT_DIR/cuda_tests.txt"
+# spike_input on CUDA: the layers, the pack / unpack kernels, opcheck (the "cuda" cases of the file)
+timeout 180 "$PY" -m pytest -q -rf tests/test_spike_input.py -k cuda > "$OUT_DIR/spike_tests.txt" 2>&1 || tests_status=$?
+tail -n 5 "$OUT_DIR/spike_tests.txt"
 if [ "${SANITIZE:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
     timeout 180 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -q -x tests/test_cuda.py \

@@ -303,6 +303,29 @@ def test_constructor_argument_is_a_keyword_only_bool():
         mth.snn.Conv2d(2, 2, 3, spike_input=1)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA GPU (scripts/gpu_check.sh runs it there)")
+@pytest.mark.parametrize("name", ["Linear", "Conv2d", "ConvTranspose3d"])
+def test_cuda_forward_does_not_synchronise_and_backward_rejects_a_non_spike_input(name):
+    spiking, dense = (layer.cuda() for layer in layer_pair(name))
+    x = layer_input(name, "multi-step").cuda()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation in the forward raises
+    try:
+        kept, _, (x_spiking, y), (x_dense, y_dense) = input_bytes_kept(spiking, dense, x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert kept * 32 <= x.numel() * 4 + 32  # the bits and the one-byte flag
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_dense.backward(grad)
+    assert torch.equal(y, y_dense) and torch.equal(x_spiking.grad, x_dense.grad)
+    for p, q in zip(spiking.parameters(), dense.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)  # cuDNN may pick another algorithm for either
+    x.view(-1)[x.numel() // 3] = 2
+    y = spiking(x.requires_grad_())  # the forward neither raises nor synchronises
+    with pytest.raises(ValueError, match=f"{name}: spike_input=True expects an input of spikes"):
+        y.sum().backward()
+
+
 # ---- TorchScript, compile, export ---------------------------------------------------------------
 
 def spiking_network():
