@@ -252,31 +252,36 @@ def test_saved_tensor_hooks_see_what_the_backward_saves():
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
-def test_forward_mode_ad_is_refused_clearly():
-    layer = mth.snn.BatchNorm2d(2)
-    x = torch.randn(2, 2, 2, 3, 3)
+def test_forward_mode_ad_equals_torch_nn():
+    layer, reference = twins("BatchNorm2d", dict(num_features=2), torch.float64)
+    x, tangent = torch.randn(2, 2, 2, 3, 3, dtype=torch.float64), torch.randn(2, 2, 2, 3, 3, dtype=torch.float64)
     with torch.autograd.forward_ad.dual_level():
-        dual = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
-        with pytest.raises(RuntimeError, match="BatchNorm: forward-mode AD .* is not supported"):
-            layer(dual)
+        y = layer(torch.autograd.forward_ad.make_dual(x, tangent))
+        y_ref = reference(torch.autograd.forward_ad.make_dual(x, tangent).flatten(0, 1))
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(y).tangent,
+                                   torch.autograd.forward_ad.unpack_dual(y_ref).tangent.unflatten(0, (2, 2)))
+    assert_same_state(layer, reference)  # the running statistics were updated once, with no tangent
 
 
-@pytest.mark.parametrize("per_step", [False, True])
-@pytest.mark.parametrize("affine", [True, False])
-def test_batch_norm_gradcheck_float64_and_a_clear_double_backward_error(per_step, affine):
-    layer = mth.snn.BatchNorm2d(2, dtype=torch.float64, per_step=per_step, affine=affine)
-    x = torch.randn(3, 2, 2, 3, 2, dtype=torch.float64, requires_grad=True)
-    params = {k: v.detach().clone().requires_grad_() for k, v in layer.named_parameters()}
+# Double backward and forward-mode AD, as LayerNorm's: the ATen composition where our kernels have
+# no formulas, checked numerically (gradgradcheck; gradcheck of the forward-mode derivatives).
+@pytest.mark.parametrize("name,args,kwargs", [
+    ("BatchNorm2d", (2,), dict()), ("BatchNorm2d", (2,), dict(per_step=True)),
+    ("BatchNorm2d", (2,), dict(affine=False)), ("TemporalEffectiveBatchNorm2d", (3, 2), dict()),
+    ("BatchNormThroughTime2d", (3, 2), dict()),
+], ids=["BatchNorm2d", "per_step", "affine=False", "TEBN", "BNTT"])
+def test_gradcheck_gradgradcheck_and_forward_ad_float64(name, args, kwargs):
+    layer = getattr(mth.snn, name)(*args, dtype=torch.float64, **kwargs)
+    x = torch.randn(3, 2, 2, 2, 1, dtype=torch.float64, requires_grad=True)
+    params = {k: v.detach().clone().uniform_(0.5, 1.5).requires_grad_() for k, v in layer.named_parameters()}
 
     def run(x, *values):
         return torch.func.functional_call(layer, dict(zip(params, values)), (x,))
 
-    assert torch.autograd.gradcheck(run, (x, *params.values()))
-    layer.eval()  # eval: running statistics, another backward path
-    assert torch.autograd.gradcheck(run, (x, *params.values()))
-    layer.train()
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.gradgradcheck(run, (x, *params.values()))
+    for training in (True, False):  # batch statistics, then the running ones: another backward path
+        layer.train(training)
+        assert torch.autograd.gradcheck(run, (x, *params.values()), check_forward_ad=True, check_batched_grad=False)
+        assert torch.autograd.gradgradcheck(run, (x, *params.values()))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -2,6 +2,10 @@
 // with one reduction pass and one element pass (matterhorn::batch_norm_backward_reduce / _elemt).
 // The backward is a hand-written autograd node, as torch's generated ones are: the generic
 // torch::autograd::Function costs about 12 us more per step (its context, output wrapping).
+#include <ATen/OpMathType.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/var_mean.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
@@ -14,15 +18,49 @@ namespace {
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
+// The normalization in differentiable ATen ops, for what our kernels have no formulas for
+// (forward-mode AD, a backward with create_graph=True), as LayerNorm uses ATen's layer norm there.
+// The folded input as [groups, rows, C, values]; statistics and parameters [C] or [groups, C].
+at::Tensor grouped(const at::Tensor& input, int64_t groups) {
+  c10::SymInt values = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) values = values * input.sym_size(d);
+  return input.reshape_symint({groups, input.sym_size(0) / groups, input.sym_size(1), values});
+}
+
+at::Tensor per_group(const at::Tensor& t) {  // [C] or [G, C] -> [1 or G, 1, C, 1]
+  return t.dim() == 1 ? t.view_symint({1, 1, t.sym_size(0), 1}) : t.unsqueeze(1).unsqueeze(3);
+}
+
+// Batch statistics [G, C] of the folded input, differentiable.
+std::tuple<at::Tensor, at::Tensor> composite_statistics(const at::Tensor& input, int64_t groups) {
+  auto [var, mean] = at::var_mean(grouped(input.to(at::toOpMathType(input.scalar_type())), groups),
+                                  at::IntArrayRef{1, 3}, /*correction=*/0, /*keepdim=*/false);
+  return {mean, var};
+}
+
+at::Tensor composite_normalize(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
+    const at::Tensor& var, double eps, int64_t steps, const at::Tensor& scale) {
+  const auto acc = at::toOpMathType(input.scalar_type());
+  at::Tensor y = (grouped(input.to(acc), steps) - per_group(mean)) * (per_group(var) + eps).rsqrt();
+  if (weight.defined()) y = y * per_group(weight.to(acc));
+  if (bias.defined()) y = y + per_group(bias.to(acc));
+  if (scale.defined()) y = y * scale.to(acc).view_symint({scale.sym_size(0), 1, 1, 1});
+  return y.to(input.scalar_type()).reshape_symint(input.sym_sizes());
+}
+
+at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
 // Edges to the gradients of (input, weight, bias, scale); the statistics are not differentiable.
 struct BatchNormNormalizeBackward final : torch::autograd::Node {
   SavedVariable input, weight, bias, scale, mean, var;  // without batch statistics: the running ones
-  bool scaled = false;  // bias is saved only with a scale (its gradient reads it)
+  bool scaled = false;
   bool batch_statistics = true;
   double eps = 0;
   int64_t groups = 1;
 
   std::string name() const override { return "BatchNormNormalizeBackward"; }
+  variable_list differentiable_backward(const at::Tensor& grad, std::array<bool, 4> needs);
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -36,9 +74,6 @@ struct BatchNormNormalizeBackward final : torch::autograd::Node {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    TORCH_CHECK(
-        !at::GradMode::is_enabled(),
-        "BatchNorm: double backward (create_graph=True) is not supported by matterhorn's BatchNorm");
     const std::array<bool, 4> needs{
         task_should_compute_output(0), task_should_compute_output(1), task_should_compute_output(2),
         scaled && task_should_compute_output(3)};
@@ -51,6 +86,7 @@ struct BatchNormNormalizeBackward final : torch::autograd::Node {
       at::Tensor t = s.unpack();
       return t.defined() ? std::optional<at::Tensor>(std::move(t)) : std::nullopt;
     };
+    if (at::GradMode::is_enabled()) return differentiable_backward(grads[0], needs);
     at::AutoDispatchBelowADInplaceOrView guard;  // no graph is recorded here: skip autograd's layers
     auto [grad_input, grad_weight, grad_bias, grad_scale] = matterhorn::ops::detail::normalize_backward(
         grads[0], input.unpack(), optional(weight), optional(bias), statistic(mean), statistic(var),
@@ -59,15 +95,49 @@ struct BatchNormNormalizeBackward final : torch::autograd::Node {
   }
 };
 
+// create_graph=True: the gradients of the forward recomputed in ATen ops at the saved values,
+// themselves a graph that torch differentiates again.
+variable_list BatchNormNormalizeBackward::differentiable_backward(const at::Tensor& grad, std::array<bool, 4> needs) {
+  const at::Tensor x = input.unpack(), w = weight.unpack(), b = bias.unpack(), s = scale.unpack();
+  const int64_t steps = scaled ? s.size(0) : groups;
+  at::Tensor m = mean.unpack(), v = var.unpack();
+  if (batch_statistics) std::tie(m, v) = composite_statistics(x, groups);
+  const at::Tensor y = composite_normalize(x, w, b, m, v, eps, steps, s);
+  variable_list inputs, grads(4);
+  std::vector<size_t> slots;
+  for (const auto& [t, slot] : {std::pair{&x, 0}, {&w, 1}, {&b, 2}, {&s, 3}}) {
+    if (needs[slot] && t->defined()) inputs.push_back(*t), slots.push_back(slot);
+  }
+  if (!inputs.empty()) {
+    const variable_list found = torch::autograd::grad({y}, inputs, {grad}, /*retain_graph=*/true,
+                                                      /*create_graph=*/true, /*allow_unused=*/true);
+    for (size_t i = 0; i < slots.size(); ++i) grads[slots[i]] = found[i];
+  }
+  return grads;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_normalize_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     bool batch_statistics, double eps, int64_t groups, const std::optional<at::Tensor>& scale) {
-  TORCH_CHECK(
-      !torch::autograd::isFwGradDefined(input) && !torch::autograd::isFwGradDefined(weight) &&
-          !torch::autograd::isFwGradDefined(bias) && !torch::autograd::isFwGradDefined(scale),
-      "BatchNorm: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported by matterhorn's "
-      "BatchNorm");
+  if (torch::autograd::isFwGradDefined(input) || torch::autograd::isFwGradDefined(weight) ||
+      torch::autograd::isFwGradDefined(bias) || torch::autograd::isFwGradDefined(scale)) {
+    // forward-mode AD: the ATen composition, which torch has formulas for
+    const int64_t steps = scale.has_value() && scale->defined() ? scale->size(0) : groups;
+    at::Tensor mean, var;
+    if (batch_statistics) {
+      std::tie(mean, var) = composite_statistics(input, groups);
+    } else {
+      mean = *running_mean, var = *running_var;
+    }
+    at::Tensor output = composite_normalize(
+        input, or_undefined(weight), or_undefined(bias), mean, var, eps, steps, or_undefined(scale));
+    if (!batch_statistics) {
+      const auto none = at::empty({0}, input.options().dtype(at::toOpMathType(input.scalar_type())));
+      return {output, none, none.clone()};
+    }
+    return {output, mean.detach(), var.detach()};  // the running statistics' update takes no tangent
+  }
   const bool record = torch::autograd::compute_requires_grad(input, weight, bias, scale);  // false in no_grad
   auto [output, mean, var] = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -80,10 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_normalize_autograd(
     node->input = SavedVariable(input, false);
     node->weight = SavedVariable(weight, false);
     node->scaled = scale.has_value() && scale->defined();
-    if (node->scaled) {
-      node->scale = SavedVariable(*scale, false);
-      node->bias = SavedVariable(bias, false);
-    }
+    node->bias = SavedVariable(bias, false);
+    if (node->scaled) node->scale = SavedVariable(*scale, false);
     // without batch statistics the backward's constants are the running statistics, saved as they
     // are (so that changing them before the backward is an error, as in torch)
     node->mean = SavedVariable(batch_statistics ? mean : *running_mean, false);
