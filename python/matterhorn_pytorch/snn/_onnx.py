@@ -40,6 +40,8 @@ def exporting() -> bool:
     """Whether torch.onnx.export is running (either exporter). torch.onnx is imported by then
     (torch.export imports it too); until it is, nothing is imported here."""
     global _read_flag
+    if torch.compiler.is_dynamo_compiling():  # torch.compile: the ops; dynamo cannot read the flags
+        return False
     if _read_flag is None:
         if "torch.onnx" not in sys.modules:
             return False
