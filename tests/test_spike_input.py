@@ -14,6 +14,7 @@ import torch
 import torch.utils.cpp_extension
 
 import matterhorn_pytorch as mth
+from conftest import run_model_in_cpp
 from samples import CONV_SAMPLES, DEVICES, LINEAR_SAMPLES, opcheck, sum_error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -342,6 +343,7 @@ def test_torchscript_compile_and_export_keep_the_spike_op(tmp_path):
     scripted.save(str(tmp_path / "model.pt"))
     loaded = torch.jit.load(str(tmp_path / "model.pt"))
     assert torch.equal(loaded(x), expected) and "matterhorn::spike_conv" in str(loaded.inlined_graph)
+    torch.testing.assert_close(run_model_in_cpp(tmp_path / "model.pt", x, tmp_path), expected)  # C++, no Python
     x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
     compiled_model = spiking_network()
     compiled_model.load_state_dict(model.state_dict())
