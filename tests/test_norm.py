@@ -333,3 +333,37 @@ class TestErrors:
     def test_bad_num_features(self):
         with pytest.raises(ValueError, match=r"BatchNorm2d: num_features must be .* >= 1, got 0"):
             mth.snn.BatchNorm2d(0)
+
+
+@pytest.mark.parametrize("name,args,kwargs", [
+    ("BatchNorm2d", (3,), dict()), ("BatchNorm2d", (3,), dict(per_step=True, affine=False)),
+    ("TemporalEffectiveBatchNorm2d", (2, 3), dict()), ("BatchNormThroughTime2d", (2, 3), dict()),
+    ("LayerNorm", ((4, 5),), dict()),
+], ids=["BatchNorm2d", "per_step", "TEBN", "BNTT", "LayerNorm"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compiled_autograd_of_a_training_step_equals_eager(name, args, kwargs, training):
+    """The backward traced by compiled autograd (the nodes' compiled_args / apply_with_saved) gives
+    eager's gradients."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+    layer = getattr(mth.snn, name)(*args, **kwargs).train(training)
+    x = torch.randn(2, 3, 3, 4, 5, requires_grad=True)
+    grad = torch.randn(2, 3, 3, 4, 5)
+
+    def gradients(compiled):
+        x.grad = None
+        layer.zero_grad()
+        y = layer(x)
+        if compiled:
+            compiled_autograd.reset()  # a fresh cache: this backward is captured, not looked up
+            captures = counters["compiled_autograd"]["captures"]
+            with compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+                y.backward(grad)
+            assert counters["compiled_autograd"]["captures"] == captures + 1  # traced, not run eagerly
+        else:
+            y.backward(grad)
+        return [x.grad] + [p.grad for p in layer.parameters()]
+
+    expected = gradients(False)
+    for got, want in zip(gradients(True), expected):
+        torch.testing.assert_close(got, want)

@@ -8,6 +8,7 @@
 #include <ATen/ops/var_mean.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include "ops/autograd/node.h"
@@ -61,6 +62,63 @@ struct BatchNormNormalizeBackward final : torch::autograd::Node {
 
   std::string name() const override { return "BatchNormNormalizeBackward"; }
   variable_list differentiable_backward(const at::Tensor& grad, std::array<bool, 4> needs);
+
+  // Compiled autograd (torch.compile of a backward): the node's constants key the cache, and its
+  // backward is traced as a function of the saved tensors (our ops have Meta kernels).
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    for (const SavedVariable* v : {&input, &weight, &bias, &scale, &mean, &var}) args.collect(*v, false);
+    args.collect(batch_statistics);
+    args.collect(scaled);
+    args.collect(eps);
+    args.collect(groups);
+  }
+
+  variable_list apply_with_saved(
+      const variable_list& grads, torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    namespace compiled = torch::dynamo::autograd;
+    for (SavedVariable* v : {&input, &weight, &bias, &scale, &mean, &var}) saved.before(*v);
+    compiled::PackedArgs packed;
+    for (const SavedVariable* v : {&input, &weight, &bias, &scale, &mean, &var}) {
+      at::Tensor t = v->unpack();
+      packed.pack(t.defined() ? std::optional<at::Tensor>(std::move(t)) : std::nullopt);
+    }
+    packed.pack(std::vector<bool>{task_should_compute_output(0), task_should_compute_output(1),
+                                  task_should_compute_output(2), scaled && task_should_compute_output(3)});
+    packed.pack(batch_statistics);
+    packed.pack(eps);
+    packed.pack(groups);
+    const std::vector<c10::IValue>& args = packed.vec();
+    std::vector<at::TypePtr> schema;
+    for (const c10::IValue& value : args) schema.push_back(value.isTensor() ? at::TensorType::get() : value.type());
+    const auto& py = compiled::getPyCompilerInterface();
+    // bound per call under a fresh name (is_custom_function), as torch's C++ Functions are: the
+    // schema changes with which optional tensors are present
+    const std::string fn = py->bind_function(saved.get_py_compiler(), name(), &functional_backward, schema,
+                                             /*is_custom_function=*/true, /*is_traceable=*/true);
+    variable_list result = py->call_function(
+        saved.get_py_compiler(), "apply_functional", fn, grads, args,
+        compiled::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+            compiled::get_input_metadata(next_edges())));
+    for (SavedVariable* v : {&input, &weight, &bias, &scale, &mean, &var}) saved.after(*v);
+    return result;
+  }
+
+  // apply's work on unpacked values: what compiled autograd traces.
+  static variable_list functional_backward(const variable_list& grads, const std::vector<c10::IValue>& args) {
+    torch::dynamo::autograd::PackedArgs packed(args);
+    std::array<std::optional<at::Tensor>, 6> t;  // input, weight, bias, scale, mean, var
+    for (auto& value : t) value = packed.unpack<std::optional<at::Tensor>>();
+    const auto wanted = packed.unpack<std::vector<bool>>();
+    const auto batch_statistics = packed.unpack<bool>();
+    const auto eps = packed.unpack<double>();
+    const auto groups = packed.unpack<int64_t>();
+    if (!grads[0].defined()) return {{}, {}, {}, {}};
+    const auto rows = [](const at::Tensor& s) { return s.dim() == 1 ? s.unsqueeze(0) : s; };
+    auto [grad_input, grad_weight, grad_bias, grad_scale] = matterhorn::ops::detail::normalize_backward(
+        grads[0], *t[0], t[1], t[2], rows(*t[4]), rows(*t[5]), batch_statistics, eps, groups, t[3],
+        {wanted[0], wanted[1], wanted[2], wanted[3]});
+    return {grad_input, grad_weight, grad_bias, grad_scale};
+  }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -11,6 +11,7 @@
 #include <ATen/ExpandUtils.h>  // at::sum_to
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include "ops/autograd/node.h"
@@ -48,11 +49,61 @@ struct LayerNormNormalizeBackward final : torch::autograd::Node {
     const bool need_bias = b.defined() && task_should_compute_output(2);
     if (at::GradMode::is_enabled()) return differentiable_backward(grads[0], x, w, b, {need_input, need_weight, need_bias});
     at::AutoDispatchBelowADInplaceOrView guard;  // no graph is recorded here: skip autograd's layers
-    auto [grad_input, grad_weight, grad_bias] = matterhorn::ops::detail::call_backward(
-        grads[0], x, normalized_shape, mean.unpack(), rstd.unpack(), defined_or_none(w));
-    if (need_bias && !w.defined()) grad_bias = at::sum_to(grads[0], b.sym_sizes());  // a bias alone
-    return {need_input ? grad_input : at::Tensor(), need_weight ? grad_weight : at::Tensor(),
-            need_bias ? grad_bias : at::Tensor()};
+    return backward(grads[0], x, w, b, mean.unpack(), rstd.unpack(), normalized_shape,
+                    {need_input, need_weight, need_bias});
+  }
+
+  static variable_list backward(
+      const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& m,
+      const at::Tensor& r, c10::SymIntArrayRef shape, std::array<bool, 3> needs) {
+    auto [grad_input, grad_weight, grad_bias] =
+        matterhorn::ops::detail::call_backward(grad, x, shape, m, r, defined_or_none(w));
+    if (needs[2] && !w.defined()) grad_bias = at::sum_to(grad, b.sym_sizes());  // a bias alone
+    return {needs[0] ? grad_input : at::Tensor(), needs[1] ? grad_weight : at::Tensor(),
+            needs[2] ? grad_bias : at::Tensor()};
+  }
+
+  // Compiled autograd: as BatchNorm's node (ops/autograd/batch_norm_autograd.cpp).
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    for (const SavedVariable* v : {&input, &weight, &bias, &mean, &rstd}) args.collect(*v, false);
+    args.collect(normalized_shape);
+    args.collect(eps);
+  }
+
+  variable_list apply_with_saved(
+      const variable_list& grads, torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    namespace compiled = torch::dynamo::autograd;
+    for (SavedVariable* v : {&input, &weight, &bias, &mean, &rstd}) saved.before(*v);
+    saved.before(normalized_shape);
+    compiled::PackedArgs packed;
+    for (const SavedVariable* v : {&input, &weight, &bias, &mean, &rstd}) packed.pack(defined_or_none(v->unpack()));
+    packed.pack(normalized_shape);
+    const at::Tensor w = weight.unpack(), b = bias.unpack();
+    packed.pack(std::vector<bool>{task_should_compute_output(0), w.defined() && task_should_compute_output(1),
+                                  b.defined() && task_should_compute_output(2)});
+    const std::vector<c10::IValue>& args = packed.vec();
+    std::vector<at::TypePtr> schema;
+    for (const c10::IValue& value : args) schema.push_back(value.isTensor() ? at::TensorType::get() : value.type());
+    const auto& py = compiled::getPyCompilerInterface();
+    const std::string fn = py->bind_function(saved.get_py_compiler(), name(), &functional_backward, schema,
+                                             /*is_custom_function=*/true, /*is_traceable=*/true);
+    variable_list result = py->call_function(
+        saved.get_py_compiler(), "apply_functional", fn, grads, args,
+        compiled::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+            compiled::get_input_metadata(next_edges())));
+    for (SavedVariable* v : {&input, &weight, &bias, &mean, &rstd}) saved.after(*v);
+    saved.after(normalized_shape);
+    return result;
+  }
+
+  static variable_list functional_backward(const variable_list& grads, const std::vector<c10::IValue>& args) {
+    torch::dynamo::autograd::PackedArgs packed(args);
+    std::array<at::Tensor, 5> t;  // input, weight, bias, mean, rstd
+    for (auto& value : t) value = packed.unpack<std::optional<at::Tensor>>().value_or(at::Tensor());
+    const auto shape = packed.unpack<std::vector<c10::SymInt>>();
+    const auto wanted = packed.unpack<std::vector<bool>>();
+    if (!grads[0].defined()) return {{}, {}, {}};
+    return backward(grads[0], t[0], t[1], t[2], t[3], t[4], shape, {wanted[0], wanted[1], wanted[2]});
   }
 
   // create_graph=True: ATen's backward, which torch differentiates again, with the statistics
