@@ -402,6 +402,8 @@ def test_cuda_kernels_match_the_cpu_ones(emulated, n, misaligned, dtype):
     bits, invalid = emulated.pack_spikes(x)
     assert torch.equal(bits, ops.pack_spikes(x)[0]) and int(invalid) == 0
     assert torch.equal(emulated.unpack_spikes(bits, invalid, [n], [1], dtype), x)
+    shifted = torch.cat([torch.zeros(1, dtype=torch.uint8), bits])[1:]  # bits one byte off: byte loads
+    assert torch.equal(emulated.unpack_spikes(shifted, invalid, [n], [1], dtype), x)
     x[n // 2] = 2
     bits, invalid = emulated.pack_spikes(x)
     assert int(invalid) == 1  # only the flag: no host synchronisation in forward
