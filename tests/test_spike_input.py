@@ -327,6 +327,25 @@ def test_cuda_forward_does_not_synchronise_and_backward_rejects_a_non_spike_inpu
         y.sum().backward()
 
 
+@pytest.mark.parametrize("name", ["Linear", "Conv2d", "ConvTranspose1d"])
+def test_cpp_modules_take_the_option(name):
+    """matterhorn::snn's LinearOptions / ConvOptions / ConvTransposeOptions .spike_input(true): the
+    C++ module computes what the Python layer does and records the spike op (its parameters require
+    gradients), which rejects a non-spike input."""
+    from torch.utils.dlpack import from_dlpack, to_dlpack
+
+    spiking, _ = layer_pair(name)
+    arguments = LAYERS[name][0]
+    cpp = getattr(mth._C, name)(*arguments[:2], *([[arguments[2]]] if len(arguments) > 2 else []), spike_input=True)
+    cpp.load_parameters({key: to_dlpack(p.detach()) for key, p in spiking.named_parameters()})
+    assert "spike_input=true" in repr(cpp)
+    x = layer_input(name, "multi-step")
+    torch.testing.assert_close(from_dlpack(cpp.forward(to_dlpack(x))), spiking(x), rtol=0, atol=0)
+    x.view(-1)[3] = 0.5
+    with pytest.raises(ValueError, match=f"{name}: spike_input=True expects"):
+        cpp.forward(to_dlpack(x))
+
+
 # ---- TorchScript, compile, export ---------------------------------------------------------------
 
 def spiking_network():

@@ -111,14 +111,15 @@ void bind_conv(py::module_& m, const char* name) {
   cls.def(
       py::init([](int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
                   const std::vector<int64_t>& stride, const ConvPadding& padding, const std::vector<int64_t>& dilation,
-                  int64_t groups, bool bias, const std::string& mode) {
+                  int64_t groups, bool bias, const std::string& mode, bool spike_input) {
         return Holder(conv_options<snn::ConvOptions<D>, D>(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, mode));
+                          in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, mode)
+                          .spike_input(spike_input));
       }),
       py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
       py::arg("stride") = std::vector<int64_t>{1}, py::arg("padding") = std::vector<int64_t>{0},
       py::arg("dilation") = std::vector<int64_t>{1}, py::arg("groups") = 1, py::arg("bias") = true,
-      py::arg("padding_mode") = "zeros");
+      py::arg("padding_mode") = "zeros", py::kw_only(), py::arg("spike_input") = false);
   bind_module_tensors<Holder>(cls);
 }
 
@@ -149,16 +150,17 @@ void bind_conv_transpose(py::module_& m, const char* name) {
       py::init([](int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
                   const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                   const std::vector<int64_t>& output_padding, int64_t groups, bool bias,
-                  const std::vector<int64_t>& dilation) {
+                  const std::vector<int64_t>& dilation, bool spike_input) {
         snn::ConvTransposeOptions<D> options(in_channels, out_channels, sizes<D>(kernel_size));
         options.stride(sizes<D>(stride)).padding(sizes<D>(padding)).output_padding(sizes<D>(output_padding));
-        options.groups(groups).bias(bias).dilation(sizes<D>(dilation));
+        options.groups(groups).bias(bias).dilation(sizes<D>(dilation)).spike_input(spike_input);
         return Holder(options);
       }),
       py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
       py::arg("stride") = std::vector<int64_t>{1}, py::arg("padding") = std::vector<int64_t>{0},
       py::arg("output_padding") = std::vector<int64_t>{0}, py::arg("groups") = 1,
-      py::arg("bias") = true, py::arg("dilation") = std::vector<int64_t>{1});
+      py::arg("bias") = true, py::arg("dilation") = std::vector<int64_t>{1}, py::kw_only(),
+      py::arg("spike_input") = false);
   bind_module_tensors<Holder>(cls);
   cls.def("forward", [](Holder& self, const py::capsule& input, const std::vector<int64_t>& output_size) {
     return tensor_to_capsule(self->forward(tensor_from_capsule(input), output_size));
@@ -290,10 +292,11 @@ PYBIND11_MODULE(_C, m) {
 
   auto linear = py::class_<snn::Linear>(m, "Linear");
   linear.def(
-      py::init([](int64_t in_features, int64_t out_features, bool bias) {
-        return snn::Linear(snn::LinearOptions(in_features, out_features).bias(bias));
+      py::init([](int64_t in_features, int64_t out_features, bool bias, bool spike_input) {
+        return snn::Linear(snn::LinearOptions(in_features, out_features).bias(bias).spike_input(spike_input));
       }),
-      py::arg("in_features"), py::arg("out_features"), py::arg("bias") = true);
+      py::arg("in_features"), py::arg("out_features"), py::arg("bias") = true, py::kw_only(),
+      py::arg("spike_input") = false);
   python::bind_module_tensors<snn::Linear>(linear);
 
   python::bind_conv<snn::Conv1d, 1>(m, "Conv1d");
