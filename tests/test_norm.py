@@ -296,6 +296,23 @@ def test_opcheck(sample, device):
     opcheck(sample.overload, sample.build(device))
 
 
+@pytest.mark.parametrize("sample", [s for s in BATCH_NORM_SAMPLES if s.gradcheck], ids=lambda s: f"{s.op}-{s.id}")
+def test_op_gradcheck_forward_ad_and_gradgradcheck_float64(sample):
+    """As LayerNorm's ops (tests/test_layer_norm.py): first-, second-order and forward-mode derivatives."""
+    args = sample.build("cpu")
+    where = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def run(*tensors):
+        values = list(args)
+        for i, t in zip(where, tensors):
+            values[i] = t
+        return sample.overload(*values)[0]
+
+    inputs = tuple(args[i] for i in where)
+    assert torch.autograd.gradcheck(run, inputs, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(run, inputs)
+
+
 # ---- errors in the user's terms ---------------------------------------------------------------
 
 class TestErrors:

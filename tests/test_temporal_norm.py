@@ -3,6 +3,8 @@ forward, every gradient and the running statistics over several training calls, 
 1d/2d/3d, contiguous and channels_last, float32 / bfloat16, batch_first; gradcheck in float64;
 errors in the layer's terms."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,3 +202,38 @@ def test_torchscript_equals_eager(kind):
     x = make_input((3, 4), "contiguous", torch.float32)
     layer.eval(), scripted.eval()
     torch.testing.assert_close(scripted(x), layer(x))
+
+
+def test_compiled_training_steps_equal_eager():
+    """torch.compile (fullgraph, AOTAutograd) of TEBN and BNTT in a sequence: forward, every gradient, the
+    running statistics, and eval."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(mth.snn.TemporalEffectiveBatchNorm2d(T, C), mth.snn.BatchNormThroughTime2d(T, C))
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True, dynamic=False)
+    for training in (True, True, False):
+        model.train(training), twin.train(training)
+        x = make_input((3, 4), "channels_last", torch.float32).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        y, y2 = model(x), compiled(x2)
+        torch.testing.assert_close(y2, y)
+        grad = torch.randn_like(y)
+        y.backward(grad), y2.backward(grad)
+        torch.testing.assert_close(x2.grad, x.grad)
+        for (n, p), p2 in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(p2.grad, p.grad, msg=lambda m: f"{n}: {m}")
+        for (n, b), b2 in zip(model.named_buffers(), twin.buffers()):
+            torch.testing.assert_close(b2, b, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_export_runs_like_eager(training):
+    model = torch.nn.Sequential(mth.snn.ThresholdDependentBatchNorm1d(0.5, 2.0, C),
+                                mth.snn.TemporalEffectiveBatchNorm1d(T, C), mth.snn.BatchNormThroughTime1d(T, C))
+    model.train(training)
+    x = make_input((5,), "contiguous", torch.float32)
+    twin = copy.deepcopy(model)
+    exported = torch.export.export(twin, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+    for (n, b), b2 in zip(model.named_buffers(), exported.module().buffers()):
+        torch.testing.assert_close(b2, b, msg=lambda m: f"{n}: {m}")

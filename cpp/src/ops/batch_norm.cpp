@@ -18,9 +18,7 @@
 
 namespace matterhorn::ops {
 namespace detail {
-namespace {
 
-// The building blocks, called through the dispatcher so each device's kernel runs.
 std::tuple<at::Tensor, at::Tensor> call_stats(const at::Tensor& input, int64_t groups) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("matterhorn::batch_norm_stats", "")
@@ -30,8 +28,7 @@ std::tuple<at::Tensor, at::Tensor> call_stats(const at::Tensor& input, int64_t g
 
 at::Tensor call_elemt(
     const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, int64_t groups,
-    const std::optional<at::Tensor>& scale = std::nullopt) {
+    const std::optional<at::Tensor>& bias, double eps, int64_t groups, const std::optional<at::Tensor>& scale) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("matterhorn::batch_norm_elemt", "")
@@ -92,7 +89,7 @@ void call_update_stats(
   op.call(mean, var, count, running_mean, running_var, num_batches_tracked, momentum);
 }
 
-bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+namespace {
 
 // A parameter or running statistic of the core: [C] or [groups, C]; the input's dtype, or float32
 // beside a reduced-precision input.
@@ -378,29 +375,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scaled_backward(
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, bool batch_statistics,
     double eps, const at::Tensor& scale, std::array<bool, 4> needs) {
   const int64_t steps = scale.sym_size(0).guard_int(__FILE__, __LINE__);
+  const bool sums_for_input = needs[0] && batch_statistics;
+  at::Tensor grad_input, grad_weight, grad_bias, grad_scale;
+  if (needs[0] && !batch_statistics) {  // running statistics are constants: dx = dy * invstd * weight * scale
+    grad_input = call_elemt(grad_output, at::zeros_like(mean), var, weight, std::nullopt, eps, steps, scale);
+  }
+  if (!(sums_for_input || needs[1] || needs[2] || needs[3])) return {grad_input, grad_weight, grad_bias, grad_scale};
   auto [sum_dy, sum_dy_xmu] = call_backward_reduce(grad_output, input, mean, steps);  // [steps, C]
   const auto acc = sum_dy.scalar_type();
   const at::Tensor s = cast(scale, acc).unsqueeze(1);
-  const at::Tensor invstd = (var + eps).rsqrt();
-  const at::Tensor w = given(weight) ? cast(*weight, acc) : at::Tensor();
   const bool empty = input.sym_numel() == 0;  // statistics of no values are NaN: nothing to scale
-  at::Tensor grad_input, grad_weight, grad_bias, grad_scale;
+  const at::Tensor invstd = needs[1] || needs[3] ? (var + eps).rsqrt() : at::Tensor();
   if (needs[3]) {
     at::Tensor per_value = sum_dy_xmu * invstd;  // sum(dy * xhat) per (step, channel)
-    if (w.defined()) per_value = per_value * w;
+    if (given(weight)) per_value = per_value * cast(*weight, acc);
     if (given(bias)) per_value = per_value + sum_dy * cast(*bias, acc);
     grad_scale = empty ? at::zeros_like(scale) : cast(per_value.sum(1), scale.scalar_type());
   }
-  // the sums of dy * scale, per statistics group
-  const at::Tensor scaled_dy = sum_dy * s, scaled_dy_xmu = sum_dy_xmu * s;
-  const bool shared = mean.size(0) == 1 && steps > 1;
-  const at::Tensor stat_dy = shared ? scaled_dy.sum(0, true) : scaled_dy;
-  const at::Tensor stat_dy_xmu = shared ? scaled_dy_xmu.sum(0, true) : scaled_dy_xmu;
-  if (needs[0]) {
-    grad_input = batch_statistics
-        ? call_backward_elemt(grad_output, input, mean, var, weight, stat_dy, stat_dy_xmu, eps,
-                              input.sym_numel() / mean.sym_numel().max(1), steps, scale)
-        : call_elemt(grad_output, at::zeros_like(mean), var, weight, std::nullopt, eps, steps, scale);
+  // the sums of dy * scale per step, and per statistics group for dx
+  const at::Tensor scaled_dy = sums_for_input || needs[2] ? sum_dy * s : at::Tensor();
+  const at::Tensor scaled_dy_xmu = sums_for_input || needs[1] ? sum_dy_xmu * s : at::Tensor();
+  if (sums_for_input) {
+    const bool shared = mean.size(0) == 1 && steps > 1;
+    grad_input = call_backward_elemt(
+        grad_output, input, mean, var, weight, shared ? scaled_dy.sum(0, true) : scaled_dy,
+        shared ? scaled_dy_xmu.sum(0, true) : scaled_dy_xmu, eps, input.sym_numel() / mean.sym_numel().max(1), steps,
+        scale);
   }
   if (needs[1]) {
     grad_weight = empty ? at::zeros_like(*weight)

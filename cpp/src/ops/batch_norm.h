@@ -75,6 +75,30 @@ void check_update_stats_arguments(
     const at::Tensor& mean, const at::Tensor& var, const c10::SymInt& count, const at::Tensor& running_mean,
     const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked);
 
+// The building blocks through the dispatcher, so each device's kernel runs (below autograd when
+// the caller excludes it), as LayerNorm's (ops/layer_norm.h).
+std::tuple<at::Tensor, at::Tensor> call_stats(const at::Tensor& input, int64_t groups);
+at::Tensor call_elemt(
+    const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, int64_t groups,
+    const std::optional<at::Tensor>& scale = std::nullopt);
+std::tuple<at::Tensor, at::Tensor> call_backward_reduce(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, int64_t groups);
+at::Tensor call_backward_elemt(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, double eps,
+    const c10::SymInt& count, int64_t groups, const std::optional<at::Tensor>& scale);
+// batch_norm_normalize: the output; mean and var set to its other two results.
+at::Tensor call_normalize_first(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    bool batch_statistics, double eps, int64_t groups, const std::optional<at::Tensor>& scale, at::Tensor& mean,
+    at::Tensor& var);
+void call_update_stats(
+    const at::Tensor& mean, const at::Tensor& var, const c10::SymInt& count, const at::Tensor& running_mean,
+    const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked,
+    std::optional<double> momentum);
+
 // group index -> offset of the group's row in a per-(group, channel) tensor: C, or 0 when shared.
 inline int64_t group_stride(const at::Tensor& t, int64_t channels) {
   return t.defined() && t.numel() != channels ? channels : 0;

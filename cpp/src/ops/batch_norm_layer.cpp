@@ -15,7 +15,7 @@
 namespace matterhorn::ops {
 namespace {
 
-bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+using detail::given;
 
 // The layer's class name ends in its spatial dimensions: "BatchNorm2d", "BatchNormThroughTime1d".
 int64_t dims_of(c10::string_view layer) {

@@ -17,6 +17,12 @@ inline at::Tensor cast(const at::Tensor& t, at::ScalarType type) {
 }
 inline at::Tensor dense(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
+// An optional tensor that is there; an undefined tensor as an absent one.
+inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+inline std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 // A parameter or statistic beside `input` as dense values of the input's accumulation type
 // (float32 for float16/bfloat16 inputs, whose parameters may be either); undefined if absent.
 inline at::Tensor accumulation_typed(const at::Tensor& t, const at::Tensor& input) {

@@ -79,8 +79,7 @@ struct BatchNormNormalizeBackward final : torch::autograd::Node {
     for (SavedVariable* v : {&input, &weight, &bias, &scale, &mean, &var}) saved.before(*v);
     compiled::PackedArgs packed;
     for (const SavedVariable* v : {&input, &weight, &bias, &scale, &mean, &var}) {
-      at::Tensor t = v->unpack();
-      packed.pack(t.defined() ? std::optional<at::Tensor>(std::move(t)) : std::nullopt);
+      packed.pack(matterhorn::ops::detail::defined_or_none(v->unpack()));
     }
     packed.pack(std::vector<bool>{task_should_compute_output(0), task_should_compute_output(1),
                                   task_should_compute_output(2), scaled && task_should_compute_output(3)});
@@ -140,10 +139,7 @@ struct BatchNormNormalizeBackward final : torch::autograd::Node {
       const at::Tensor t = s.unpack();
       return t.dim() == 1 ? t.unsqueeze(0) : t;
     };
-    const auto optional = [](const SavedVariable& s) -> std::optional<at::Tensor> {
-      at::Tensor t = s.unpack();
-      return t.defined() ? std::optional<at::Tensor>(std::move(t)) : std::nullopt;
-    };
+    const auto optional = [](const SavedVariable& s) { return matterhorn::ops::detail::defined_or_none(s.unpack()); };
     if (at::GradMode::is_enabled()) return differentiable_backward(grads[0], needs);
     at::AutoDispatchBelowADInplaceOrView guard;  // no graph is recorded here: skip autograd's layers
     auto [grad_input, grad_weight, grad_bias, grad_scale] = matterhorn::ops::detail::normalize_backward(

@@ -16,6 +16,7 @@
 
 #include "ops/autograd/node.h"
 #include "ops/layer_norm.h"
+#include "ops/norm_common.h"
 
 namespace {
 
@@ -23,9 +24,7 @@ using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using matterhorn::ops::detail::statistics_shape;
 
-std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
+using matterhorn::ops::detail::defined_or_none;
 
 // Gradients of (input, weight, bias); the statistics are not differentiable.
 struct LayerNormNormalizeBackward final : torch::autograd::Node {
