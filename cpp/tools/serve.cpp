@@ -30,6 +30,7 @@
 // --port 0 (the default) picks a free port; the first line printed is "listening on HOST:PORT".
 // SIGINT / SIGTERM stop the server (exit status 0). Exit status 1: the model or the port cannot be
 // used; 2: invalid options.
+#include <algorithm>
 #include <sys/resource.h>
 
 #include <atomic>
@@ -680,8 +681,10 @@ int main(int argc, char** argv) {
     server = std::make_unique<Server>(*options, options->model);
   } catch (const std::exception& error) {
     const std::string text = exception_text(error);
+    // the whole message (a schema mismatch starts with an empty line and names the op after it)
+    const size_t start = std::min(text.find_first_not_of(" \n"), text.size());
     std::fprintf(stderr, "matterhorn_serve: cannot load the model '%s': %s\n", options->model.c_str(),
-                 text.substr(0, text.find('\n')).c_str());
+                 text.substr(start).c_str());
     return 1;
   }
 
