@@ -454,22 +454,39 @@ class _BatchNorm(_TwinSynapse):
 
     def _normalize(self, input: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """The layer op (ops/batch_norm_layer.cpp decides fold and groups); ``scale``: TEBN's."""
-        if self.sync and self.training and self._synchronising():
-            return self._forward_synchronised(input, scale)
+        if not torch.jit.is_scripting():
+            return self._eager_normalize(input, scale)
         track = self.training and self.track_running_stats
         use_running = not self.training or self.track_running_stats
-        if not torch.jit.is_scripting() and _onnx.exporting():
-            return _onnx.batch_norm(
-                input, self.weight, self.bias,
-                self.running_mean if use_running else None, self.running_var if use_running else None, None,
-                self.training, self.momentum, self.eps, self.layer_name, self.num_features, self.step_mode == "m",
-                self.per_step, self.batch_first, scale,
-            )
         return torch.ops.matterhorn.batch_norm_layer(
             input, self.weight, self.bias,
             self.running_mean if use_running else None, self.running_var if use_running else None,
             self.num_batches_tracked if track else None,
             self.training, self.momentum, self.eps, self.layer_name, self.num_features, self.step_mode == "m",
+            self.per_step, self.batch_first, scale,
+        )
+
+    @torch.jit.unused
+    def _eager_normalize(self, input: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        training = self.training
+        if self.sync and training and self._synchronising():
+            return self._forward_synchronised(input, scale)
+        # The tensors from the module's dicts: Module.__getattr__ costs ~0.5 us per parameter or
+        # buffer, 2 us of a tiny layer's ~10 us call (bench/bench_overhead.py).
+        parameters, buffers = self._parameters, self._buffers
+        use_running = not training or self.track_running_stats
+        running_mean = buffers["running_mean"] if use_running else None
+        running_var = buffers["running_var"] if use_running else None
+        if _onnx.exporting():
+            return _onnx.batch_norm(
+                input, parameters["weight"], parameters["bias"], running_mean, running_var, None, training,
+                self.momentum, self.eps, self.layer_name, self.num_features, self.step_mode == "m", self.per_step,
+                self.batch_first, scale,
+            )
+        return torch.ops.matterhorn.batch_norm_layer(
+            input, parameters["weight"], parameters["bias"], running_mean, running_var,
+            buffers["num_batches_tracked"] if training and self.track_running_stats else None,
+            training, self.momentum, self.eps, self.layer_name, self.num_features, self.step_mode == "m",
             self.per_step, self.batch_first, scale,
         )
 
@@ -664,6 +681,8 @@ class _TemporalEffectiveBatchNorm(_TemporalBatchNorm):
         self.scale = nn.Parameter(torch.ones(T, device=device, dtype=dtype))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # the parameter from its dict, as _eager_normalize reads the others
+            return self._eager_normalize(input, self._parameters["scale"])
         return self._normalize(input, self.scale)
 
     def extra_repr(self) -> str:
