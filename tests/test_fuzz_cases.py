@@ -48,9 +48,16 @@ def u_of(*dtypes):
     return max(finfo_eps(d) for d in dtypes if d.is_floating_point)
 
 
-def draw_device(data):
-    """cpu; meta (layer and input); or a mix (which must be a clean error)."""
-    return data.draw(st.sampled_from(["cpu", "cpu", "cpu", "meta", "meta-input", "meta-layer"]), label="device")
+def draw_device(data, cpu=3):
+    """cpu (`cpu` draws in cpu + 3); meta (layer and input); or a mix (which must be a clean error)."""
+    return data.draw(st.sampled_from(["cpu"] * cpu + ["meta", "meta-input", "meta-layer"]), label="device")
+
+
+def valid_draws(spike_input):
+    """How many draws (of 7 others) give a layer property's input the layer's dtype, and of 3 others
+    the CPU: spike_input runs mostly such inputs, on which the spike path runs to its end (the dense
+    properties draw the errors)."""
+    return 12 if spike_input else 3
 
 
 def place(module, device):
@@ -95,12 +102,14 @@ def leading_shape(data, multi_step):
 # ---- the common layer property -------------------------------------------------------------------
 
 def check_layer(ours, ref_d, x, *, name, run_ref, layer_dtype, must_raise_reason=None, device="cpu",
-                compare=None, folded=None, norm=False):
+                compare=None, folded=None, norm=False, not_spikes=False):
     """ours(x) against torch.nn's verdict: ref_d (the twin, same dtype and device) run by run_ref.
     Raises where torch.nn raises (or must_raise_reason says the API forbids the input), else the
     same shape and dtype, and on the CPU the values, gradients and state checked by `compare`.
     An input dtype unlike the layer's (a normalization also takes float16/bfloat16 beside float32)
-    must raise, and a TypeError when it is the only thing wrong (torch.nn takes the input cast)."""
+    must raise, and a TypeError when it is the only thing wrong (torch.nn takes the input cast).
+    not_spikes: a spike_input=True layer recording a graph on an input with a value other than 0
+    and 1, which must be a ValueError (docs/API.md "Spike input") where nothing else is wrong."""
     record(f"{name}: {ours!r}, device {device}, training={ours.training}\n  input {describe(x)}")
     has_tensors = any(True for _ in ref_d.parameters()) or any(t is not None for t in ref_d.buffers())
     if device in ("meta-input", "meta-layer") and has_tensors:
@@ -118,6 +127,9 @@ def check_layer(ours, ref_d, x, *, name, run_ref, layer_dtype, must_raise_reason
     result = outcome(lambda: ours(x))
     user_shape = list(x.shape)
     folded_shape = folded(x) if folded else None
+    if must_raise_reason is None and not isinstance(expected, Raised) and not_spikes and device == "cpu":
+        check_not_spikes(result, name)
+        return None
     if must_raise_reason is not None or isinstance(expected, Raised):
         why = must_raise_reason or f"torch.nn {expected!r}"
         assert isinstance(result, Raised), f"{why}, but {name} returned {describe(result)}"
@@ -136,16 +148,103 @@ def grad_output_like(y, seed):
     return torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
 
 
+# ---- spike input (docs/API.md "Spike input") -------------------------------------------------------
+
+# Values written into a spike input: all but -0.0 (a zero) are non-spikes, and 1e-30 is one only
+# where the dtype holds it (float16 rounds it to 0): the verdict reads the stored values.
+NOT_SPIKES = [0.5, 2.0, -1.0, math.nan, math.inf, -math.inf, 1e-30, -0.0]
+
+
+def holds_non_spikes(x):
+    return x.device.type != "meta" and bool(((x != 0) & (x != 1)).any())
+
+
+def draw_spikes(data, x):
+    """x's values made 0 and 1 in place (its layout kept; the hidden half of a sliced buffer keeps
+    its other values), and one draw in four a value of NOT_SPIKES written in. Whether x then holds
+    a value other than 0 and 1."""
+    if x.device.type != "meta":
+        with torch.no_grad():
+            x.copy_(x > 0)
+            if x.is_floating_point() and x.numel() and data.draw(st.integers(0, 3), label="a non-spike?") == 0:
+                k = data.draw(st.integers(0, x.numel() - 1), label="its position")
+                x[torch.unravel_index(torch.tensor(k), x.shape)] = data.draw(st.sampled_from(NOT_SPIKES),
+                                                                             label="non-spike value")
+    return holds_non_spikes(x)
+
+
+def check_not_spikes(result, name):
+    """The error for a non-spike input to a spike op recording a graph: a ValueError naming the layer."""
+    check_clean_error(result, name, types=(ValueError,))
+    assert "spike_input=True expects an input of spikes" in str(result.error), result
+
+
+def draw_spike_input(data, x, layer):
+    """A spike_input=True layer's input: draw_spikes on x, then one draw in five no graph (the
+    layer's parameters frozen, and the caller's input requiring no gradient), where nothing is
+    checked and the layer is the dense one. Returns (x holds a non-spike, a graph is recorded)."""
+    not_spikes = draw_spikes(data, x)
+    graph = data.draw(st.integers(0, 4), label="graph?") > 0
+    if not graph:
+        layer.requires_grad_(False)
+    return not_spikes, graph
+
+
+def draw_spike_op_input(data, tensors):
+    """A spike op's (input, weight, bias): draw_spikes on the input, and per floating tensor whether
+    it requires a gradient; the op records a graph (packs the input, checks its values) where any
+    does. Returns (the input holds a non-spike, a graph is recorded)."""
+    not_spikes = draw_spikes(data, tensors[0])
+    for k, t in enumerate(tensors):
+        if t is not None and t.is_floating_point():
+            t.requires_grad_(data.draw(st.booleans(), label=f"requires_grad {k}"))
+    return not_spikes, any(t is not None and t.requires_grad for t in tensors)
+
+
+def check_spike_op(result, dense_op, reference, tensors, seed, what, input_grad_exact=True):
+    """A spike op's `result` on valid CPU (input, weight, bias), some requiring a gradient: the dense
+    op's output bit for bit and, in float32/float64, its gradients (docs/API.md: the same ATen calls
+    on the same values; input_grad_exact=False: a padding mode's input gradient, summed in another
+    order), and each gradient within the sum bound of the float64 `reference` (unfolded input)."""
+    twins = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in tensors]
+    dense = dense_op(*twins)
+    # NaN where the dense op has NaN: no graph, no check, and a NaN or inf input value is the dense op's
+    torch.testing.assert_close(result, dense, rtol=0, atol=0, equal_nan=True,
+                               msg=lambda m: f"{what}: the output differs from the dense op's: {m}")
+    wanted = [k for k, t in enumerate(tensors) if t is not None and t.requires_grad]
+    if not wanted or result.dtype not in (torch.float32, torch.float64):
+        return
+    dy = grad_output_like(result, seed)
+    got = torch.autograd.grad(result, [tensors[k] for k in wanted], dy, allow_unused=True)
+    got_dense = torch.autograd.grad(dense, [twins[k] for k in wanted], dy, allow_unused=True)
+    leaves64 = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+    expected = torch.autograd.grad(reference(*leaves64), [leaves64[k] for k in wanted], dy.double(), allow_unused=True)
+    _, bounds = bilinear_bounds(reference, [None if t is None else t.detach() for t in leaves64], dy.double(),
+                                u_of(result.dtype))
+    present = [k for k, t in enumerate(tensors) if t is not None]
+    for k, g, d, e in zip(wanted, got, got_dense, expected):
+        g, d, e = (torch.zeros_like(tensors[k]) if v is None else v for v in (g, d, e))
+        name = ["input", "weight", "bias"][k]
+        assert_close_bound(g, e, bounds[present.index(k)], f"{what} grad of the {name}")
+        if k or input_grad_exact:
+            assert torch.equal(g, d), f"{what}: the gradient of the {name} differs from the dense op's"
+
+
 # ---- Linear ---------------------------------------------------------------------------------------
 
 @case
 @given(data=st.data())
 def test_linear_layer(data):
+    linear_layer_case(data)
+
+
+def linear_layer_case(data, spike_input=False):
     in_f, out_f = data.draw(st.integers(0, 5), label="in_features"), data.draw(st.integers(0, 5), label="out_features")
     bias = data.draw(st.booleans(), label="bias")
     layer_dtype = data.draw(st.sampled_from(FLOATS), label="layer dtype")
-    dtype = data.draw(st.sampled_from([layer_dtype] * 3 + FLOATS + NON_FLOATS), label="input dtype")
-    device = draw_device(data)
+    dtype = data.draw(st.sampled_from([layer_dtype] * valid_draws(spike_input) + FLOATS + NON_FLOATS),
+                      label="input dtype")
+    device = draw_device(data, cpu=valid_draws(spike_input))
     lead = [data.draw(st.integers(0, 3), label="leading size") for _ in range(data.draw(st.integers(0, 3), label="rank-1"))]
     last = data.draw(st.sampled_from([in_f, in_f, in_f, in_f + 1]), label="last size")
     shape = lead + [last] if data.draw(st.integers(0, 19), label="0-D?") else []
@@ -153,13 +252,14 @@ def test_linear_layer(data):
     seed = data.draw(seeds, label="seed")
     batch_first = data.draw(st.booleans(), label="batch_first")
     ours = mth.snn.Linear(in_f, out_f, bias, dtype=layer_dtype, batch_first=batch_first,
-                          multi_time_step=data.draw(st.booleans(), label="multi_step"))
+                          multi_time_step=data.draw(st.booleans(), label="multi_step"), spike_input=spike_input)
     randomize_parameters(ours, seed)
     ref_d = place(nn.Linear(in_f, out_f, bias, dtype=layer_dtype), device)
     ref_d.load_state_dict(ours.state_dict())
     ours = place(ours, device)
     x = make_tensor(shape, dtype, layout, input_device(device), seed)
-    requires_grad = dtype in (torch.float32, torch.float64) and dtype == layer_dtype and device == "cpu"
+    not_spikes, graph = draw_spike_input(data, x, ours) if spike_input else (False, True)
+    requires_grad = dtype in (torch.float32, torch.float64) and dtype == layer_dtype and device == "cpu" and graph
     x = x.requires_grad_(requires_grad)
 
     def compare(y):
@@ -182,7 +282,7 @@ def test_linear_layer(data):
             assert_close_bound(a, e, b, f"Linear grad of {what}")
 
     check_layer(ours, ref_d, x, name="Linear", run_ref=lambda m, t: m(t), layer_dtype=layer_dtype, device=device,
-                compare=compare,
+                compare=compare, not_spikes=not_spikes and graph,
                 must_raise_reason="a 0-D input" if not shape else None)
 
 
@@ -194,7 +294,10 @@ CONVS = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Co
 @case
 @given(data=st.data())
 def test_conv_layers(data):
-    name = data.draw(st.sampled_from(CONVS), label="layer")
+    conv_layer_case(data, data.draw(st.sampled_from(CONVS), label="layer"))
+
+
+def conv_layer_case(data, name, spike_input=False):
     transposed = name.startswith("ConvTranspose")
     dims = int(name[-2])
     groups = data.draw(st.sampled_from([1, 1, 2, 3]), label="groups")
@@ -216,8 +319,9 @@ def test_conv_layers(data):
         kwargs["padding_mode"] = data.draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]),
                                            label="padding_mode")
     layer_dtype = data.draw(st.sampled_from(FLOATS), label="layer dtype")
-    dtype = data.draw(st.sampled_from([layer_dtype] * 3 + FLOATS + NON_FLOATS), label="input dtype")
-    device = draw_device(data)
+    dtype = data.draw(st.sampled_from([layer_dtype] * valid_draws(spike_input) + FLOATS + NON_FLOATS),
+                      label="input dtype")
+    device = draw_device(data, cpu=valid_draws(spike_input))
     multi = data.draw(st.booleans(), label="multi-step input")
     batch_first = data.draw(st.booleans(), label="batch_first")
     seed = data.draw(seeds, label="seed")
@@ -227,7 +331,8 @@ def test_conv_layers(data):
         warnings.simplefilter("ignore")
         twin_made = outcome(lambda: getattr(nn, name)(in_c, out_c, kernel, **kwargs, dtype=layer_dtype))
         made = outcome(lambda: cls(in_c, out_c, kernel, **kwargs, dtype=layer_dtype, batch_first=batch_first,
-                                   multi_time_step=multi if data.draw(st.booleans()) else None))
+                                   multi_time_step=multi if data.draw(st.booleans()) else None,
+                                   spike_input=spike_input))
     if isinstance(made, Raised):
         # the API refuses sizes torch.nn accepts or rejects obscurely (docs/API.md): a ValueError then
         check_clean_error(made, name, types=ALLOWED if isinstance(twin_made, Raised) else (ValueError,))
@@ -246,7 +351,8 @@ def test_conv_layers(data):
     shape = shape[:-1] if rank_change < 0 else shape + [2] if rank_change > 0 else shape
     layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
     x = make_tensor(shape, dtype, layout, input_device(device), seed, channel_dim=len(lead))
-    requires_grad = dtype in (torch.float32, torch.float64) and dtype == layer_dtype and device == "cpu"
+    not_spikes, graph = draw_spike_input(data, x, ours) if spike_input else (False, True)
+    requires_grad = dtype in (torch.float32, torch.float64) and dtype == layer_dtype and device == "cpu" and graph
     x.requires_grad_(requires_grad)
     folds = x.dim() == dims + 3
     output_size = None
@@ -313,7 +419,7 @@ def test_conv_layers(data):
             return f"{ours!r} output_size={output_size}"
 
     check_layer(Call(), ref_d, x, name=name, run_ref=run_ref, layer_dtype=layer_dtype, must_raise_reason=wrong_rank,
-                device=device,
+                device=device, not_spikes=not_spikes and graph,
                 compare=compare, folded=(lambda t: list(t.flatten(0, 1).shape)) if folds else None)
 
 
@@ -551,6 +657,12 @@ def test_layer_norm_layer(data):
 def test_linear_op(data):
     """matterhorn.linear(input, weight, bias): any weight rank, bias shape, devices: torch's F.linear
     on the input is the verdict (except 0-D input and meta/cpu mixes: errors)."""
+    linear_op_case(data)
+
+
+def linear_op_case(data, spike=False):
+    """spike: matterhorn.spike_linear on a 0/1 input, with gradients (check_spike_op)."""
+    op_name = "spike_linear" if spike else "linear"
     seed = data.draw(seeds, label="seed")
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     in_f, out_f = data.draw(st.integers(0, 4), label="in"), data.draw(st.integers(0, 4), label="out")
@@ -563,20 +675,26 @@ def test_linear_op(data):
     x = make_tensor(x_shape, dtype, layouts[0], devices[0], seed)
     w = make_tensor(w_shape, dtype, layouts[1], devices[1], seed + 1)
     b = None if b_shape is None else make_tensor(b_shape, dtype, "contiguous", devices[2], seed + 2)
-    record(f"torch.ops.matterhorn.linear({describe(x)}, {describe(w)}, {describe(b)})")
-    result = outcome(lambda: ops.linear(x, w, b))
+    not_spikes, graph = draw_spike_op_input(data, [x, w, b]) if spike else (False, False)
+    record(f"torch.ops.matterhorn.{op_name}({describe(x)}, {describe(w)}, {describe(b)})")
+    result = outcome(lambda: getattr(ops, op_name)(x, w, b))
     mixed = len({t.device.type for t in (x, w, b) if t is not None}) > 1
     expected = outcome(lambda: F.linear(x, w, b))
     # the op's contract: weight [O, I], bias [O] (F.linear would also broadcast a bias)
     if mixed or isinstance(expected, Raised) or w.dim() != 2 or (b is not None and list(b.shape) != [w.shape[0]]):
         check_clean_error(result, "Linear")
         return
-    assert not isinstance(result, Raised), f"F.linear returns {describe(expected)}, matterhorn.linear {result!r}"
+    if not_spikes and graph:
+        check_not_spikes(result, "Linear")
+        return
+    assert not isinstance(result, Raised), f"F.linear returns {describe(expected)}, matterhorn.{op_name} {result!r}"
     assert result.shape == expected.shape and result.dtype == expected.dtype
     if x.device.type == "cpu":
-        args = [x.double(), w.double(), None if b is None else b.double()]
+        args = [x.detach().double(), w.detach().double(), None if b is None else b.detach().double()]
         bound, _ = bilinear_bounds(F.linear, args, None, u_of(dtype))
-        assert_close_bound(result, F.linear(*args), bound, "matterhorn.linear")
+        assert_close_bound(result, F.linear(*args), bound, f"matterhorn.{op_name}")
+        if spike:
+            check_spike_op(result, ops.linear, F.linear, [x, w, b], seed, op_name)
 
 
 @case
@@ -586,8 +704,14 @@ def test_conv_ops(data):
     values, groups that do not divide, padding modes, output_size. The verdict on valid arguments
     is torch's functional convolution of the folded input (explicit padding for pairs and modes);
     arguments torch refuses (or that the op's schema forbids) must be clean errors."""
+    conv_op_case(data)
+
+
+def conv_op_case(data, spike=False):
+    """spike: matterhorn.spike_conv / spike_conv_transpose on a 0/1 input, with gradients (check_spike_op)."""
     seed = data.draw(seeds, label="seed")
     transposed = data.draw(st.booleans(), label="transposed")
+    op_name = ("spike_" if spike else "") + ("conv_transpose" if transposed else "conv")
     dims = data.draw(st.integers(1, 3), label="dims")
     dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
     groups = data.draw(st.sampled_from([1, 1, 2, 3, 0, -1]), label="groups")
@@ -614,6 +738,7 @@ def test_conv_ops(data):
                     channel_dim=len(lead))
     w = make_tensor(w_shape, dtype, "contiguous", "cpu", seed + 1)
     b = None if b_shape is None else make_tensor(b_shape, dtype, "contiguous", "cpu", seed + 2)
+    not_spikes, graph = draw_spike_op_input(data, [x, w, b]) if spike else (False, False)
     folded = x.flatten(0, 1) if multi else x
     fn = [None, F.conv1d, F.conv2d, F.conv3d][dims] if not transposed else \
         [None, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d][dims]
@@ -622,11 +747,12 @@ def test_conv_ops(data):
         output_size = None
         if data.draw(st.integers(0, 3)) == 0:
             output_size = [data.draw(st.integers(0, 12)) for _ in range(data.draw(st.sampled_from([dims, dims, dims + 1])))]
-        record(f"torch.ops.matterhorn.conv_transpose({describe(x)}, {describe(w)}, {describe(b)}, stride={stride}, "
+        record(f"torch.ops.matterhorn.{op_name}({describe(x)}, {describe(w)}, {describe(b)}, stride={stride}, "
                f"padding={padding}, output_padding={output_padding}, groups={groups}, dilation={dilation}, "
                f"output_size={output_size})")
-        result = outcome(lambda: ops.conv_transpose(x, w, b, stride, padding, output_padding, groups, dilation,
-                                                     output_size))
+
+        def dense(xx, ww, bb, op=ops.conv_transpose):
+            return op(xx, ww, bb, stride, padding, output_padding, groups, dilation, output_size)
 
         def reference(xx, ww, bb):
             op = output_padding
@@ -641,9 +767,11 @@ def test_conv_ops(data):
         # ours: an output size over zero is required (docs: "the output would be empty")
     else:
         mode = data.draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular", "bogus"]))
-        record(f"torch.ops.matterhorn.conv({describe(x)}, {describe(w)}, {describe(b)}, stride={stride}, "
+        record(f"torch.ops.matterhorn.{op_name}({describe(x)}, {describe(w)}, {describe(b)}, stride={stride}, "
                f"padding={padding}, dilation={dilation}, groups={groups}, padding_mode={mode!r})")
-        result = outcome(lambda: ops.conv(x, w, b, stride, padding, dilation, groups, mode))
+
+        def dense(xx, ww, bb, op=ops.conv):
+            return op(xx, ww, bb, stride, padding, dilation, groups, mode)
 
         def reference(xx, ww, bb):
             pairs = padding if len(padding) == 2 * dims else [p for p in padding for _ in (0, 1)]
@@ -652,6 +780,7 @@ def test_conv_ops(data):
             padded = F.pad(xx, flat, mode="constant" if mode == "zeros" else mode)
             return fn(padded, ww, bb, stride, 0, dilation, groups)
         invalid = mode == "bogus" or len(stride) != dims or len(dilation) != dims
+    result = outcome(lambda: dense(x, w, b, getattr(ops, op_name)))
     # the op's contract, also where torch lets an empty input through
     invalid = invalid or min(stride + dilation) < 1 or min(padding, default=0) < 0 or groups < 1 or (
         transposed and min(output_padding, default=0) < 0) or (  # torch.nn's rule, checked on empty inputs too
@@ -666,13 +795,19 @@ def test_conv_ops(data):
     if invalid or isinstance(expected, Raised) or x.device.type == "meta":
         check_clean_error(result, "Conv")
         return
+    if not_spikes and graph:
+        check_not_spikes(result, f"{'ConvTranspose' if transposed else 'Conv'}{dims}d")
+        return
     assert not isinstance(result, Raised), f"torch's convolution returns {describe(expected)}, ours {result!r}"
     expected = expected.unflatten(0, x.shape[:2]) if multi else expected
     assert result.shape == expected.shape and result.dtype == expected.dtype
-    args = [folded.double(), w.double(), None if b is None else b.double()]
+    args = [folded.detach().double(), w.detach().double(), None if b is None else b.detach().double()]
     bound, _ = bilinear_bounds(reference, args, None, u_of(dtype))
     unfold = (lambda t: t.unflatten(0, x.shape[:2])) if multi else (lambda t: t)
-    assert_close_bound(result, unfold(reference(*args)), unfold(bound), "matterhorn.conv")
+    assert_close_bound(result, unfold(reference(*args)), unfold(bound), f"matterhorn.{op_name}")
+    if spike:  # a padding mode's input gradient sums its wrapped terms in another order (docs/API.md)
+        check_spike_op(result, dense, lambda xx, ww, bb: unfold(reference(xx.flatten(0, 1) if multi else xx, ww, bb)),
+                       [x, w, b], seed, op_name, input_grad_exact=transposed or mode == "zeros" or not any(padding))
 
 
 # ---- BatchNorm building blocks ------------------------------------------------------------------
@@ -1340,10 +1475,14 @@ def ws_weight_bound(ws, u_acc, u):
 def test_weight_standardized_layers(data):
     """WSLinear / WSConvNd: the twin (torch.nn Linear / ConvNd) on the folded input with matterhorn
     2.0.0's standardised weight; its verdict on shapes and dtypes, values and gradients on the CPU."""
-    name = data.draw(st.sampled_from(WS_LAYERS), label="layer")
+    ws_layer_case(data, data.draw(st.sampled_from(WS_LAYERS), label="layer"))
+
+
+def ws_layer_case(data, name, spike_input=False):
     dims = 0 if name == "WSLinear" else int(name[-2])
     layer_dtype = data.draw(st.sampled_from(FLOATS), label="layer dtype")
-    dtype = data.draw(st.sampled_from([layer_dtype] * 3 + FLOATS + NON_FLOATS), label="input dtype")
+    dtype = data.draw(st.sampled_from([layer_dtype] * valid_draws(spike_input) + FLOATS + NON_FLOATS),
+                      label="input dtype")
     bias = data.draw(st.booleans(), label="bias")
     affine = data.draw(st.booleans(), label="affine")
     eps = data.draw(st.sampled_from([1e-6, 1e-6, 0.1, 0.0, -1e-3]), label="eps")
@@ -1358,13 +1497,13 @@ def test_weight_standardized_layers(data):
         padding = data.draw(st.sampled_from([0, 1, "same"]), label="padding")
         mode = data.draw(st.sampled_from(["zeros", "zeros", "reflect", "circular"]), label="padding_mode")
         args, kwargs = (in_c, out_c, kernel), dict(padding=padding, padding_mode=mode, groups=groups, bias=bias)
-    device = draw_device(data)
+    device = draw_device(data, cpu=valid_draws(spike_input))
     multi = data.draw(st.booleans(), label="multi-step")
     seed = data.draw(seeds, label="seed")
     record(f"{name}{args} {kwargs} affine={affine} eps={eps}")
     cls, twin_cls = getattr(mth.snn, name), getattr(nn, name[2:])
     made = outcome(lambda: cls(*args, **kwargs, affine=affine, eps=eps, dtype=layer_dtype,
-                               multi_time_step=multi if data.draw(st.booleans()) else None))
+                               multi_time_step=multi if data.draw(st.booleans()) else None, spike_input=spike_input))
     twin = twin_cls(*args, **kwargs, dtype=layer_dtype)
     fan_in = twin.weight[0].numel() if twin.weight.shape[0] else twin.weight.shape[1:].numel()
     if eps < 0 or fan_in == 1:  # the API refuses them (docs/API.md); torch.nn has no such argument
@@ -1388,7 +1527,8 @@ def test_weight_standardized_layers(data):
             [data.draw(st.integers(1, 5), label="spatial") for _ in range(dims)]
     x = make_tensor(shape, dtype, data.draw(st.sampled_from(LAYOUTS), label="layout"), input_device(device), seed,
                     channel_dim=len(lead) if dims else None)
-    requires_grad = dtype in (torch.float32, torch.float64) and dtype == layer_dtype and device == "cpu"
+    not_spikes, graph = draw_spike_input(data, x, ours) if spike_input else (False, True)
+    requires_grad = dtype in (torch.float32, torch.float64) and dtype == layer_dtype and device == "cpu" and graph
     x.requires_grad_(requires_grad)
     folds = dims > 0 and x.dim() == dims + 3
 
@@ -1447,7 +1587,7 @@ def test_weight_standardized_layers(data):
         wrong = None if x.shape[-dims - 1] == in_c else "channels unlike in_channels"
     # shapes are checked by the folded op, which names the base layer (docs/API.md)
     check_layer(ours, ref_d, x, name=(name, name[2:]), run_ref=run_ref, layer_dtype=layer_dtype, must_raise_reason=wrong,
-                device=device, compare=compare, folded=(lambda t: list(t.flatten(0, 1).shape)) if folds else None)
+                device=device, compare=compare, not_spikes=not_spikes and graph, folded=(lambda t: list(t.flatten(0, 1).shape)) if folds else None)
 
 
 def ws_draw_per_channel(data, O, dtype, seed, label):
@@ -1547,6 +1687,213 @@ def check_block_named(result, valid, tensors, op, names, compare):
     compare(result)
 
 
+# ---- spike input: the spike ops, pack_spikes / unpack_spikes, layers with spike_input=True ---------
+
+def dense_layout(size, stride):
+    """Non-overlapping and dense: the dimensions of size 2 or more, ordered by stride, tile memory
+    from offset 0 without gaps."""
+    expected = 1
+    for d in sorted((d for d in range(len(size)) if size[d] > 1), key=lambda d: stride[d]):
+        if stride[d] != expected:
+            return False
+        expected *= size[d]
+    return True
+
+
+def contiguous_strides(size):
+    strides, step = [], 1
+    for s in reversed(size):
+        strides.insert(0, step)
+        step *= max(s, 1)
+    return strides
+
+
+def packed_strides(x):
+    """The layout pack_spikes reads x in (docs/API.md): x's own when non-overlapping and dense, else
+    its contiguous copy's."""
+    return list(x.stride()) if dense_layout(x.shape, x.stride()) else contiguous_strides(x.shape)
+
+
+def reference_bits(x, strides):
+    """pack_spikes' format in plain torch: the value at memory offset k (of `strides`) in bit k % 8 of byte k // 8."""
+    flat = torch.zeros(x.numel(), dtype=torch.float64)
+    flat.as_strided(x.shape, strides).copy_(x)
+    ones = F.pad((flat == 1).to(torch.int64), (0, -x.numel() % 8))
+    return (ones.view(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
+
+
+def reference_unpack(bits, size, stride, dtype):
+    """unpack_spikes in plain torch: bit k % 8 of byte k // 8 at memory offset k of `stride`."""
+    values = ((bits.to(torch.int64)[:, None] >> torch.arange(8)) & 1).flatten()[:math.prod(size)]
+    return values.to(dtype).as_strided(size, stride)
+
+
+def draw_spike_shape(data):
+    """A rank 0 to 4 shape (zero sizes included), sometimes with a long last dimension (the kernels'
+    vector bodies and their tails)."""
+    shape = [data.draw(st.integers(0, 4), label="size") for _ in range(data.draw(st.integers(0, 4), label="rank"))]
+    if shape and data.draw(st.booleans(), label="a long row?"):
+        shape[-1] = data.draw(st.integers(5, 300), label="row")
+    return shape
+
+
+def pack_case(data):
+    """pack_spikes on drawn shapes, dtypes, layouts (permuted, one element off the buffer's start
+    too) and devices: a TypeError for a non-floating input, a ValueError naming the layer for a
+    non-spike (on the CPU), else the plain-torch bits; unpack_spikes of them gives the input back."""
+    seed = data.draw(seeds, label="seed")
+    layer = data.draw(st.sampled_from([None, "Conv2d"]), label="layer")
+    names = ("pack_spikes",) if layer is None else (layer, "pack_spikes")
+    shape = draw_spike_shape(data)
+    dtype = draw_dtype(data, "dtype")
+    device = data.draw(st.sampled_from(["cpu"] * 5 + ["meta"]), label="device")
+    layout = data.draw(st.sampled_from(LAYOUTS + ["permuted", "offset"]), label="layout")
+    if layout == "permuted":
+        order = data.draw(st.permutations(range(len(shape))), label="order")
+        x = make_tensor([shape[d] for d in order], dtype, "contiguous", device, seed).permute(
+            [order.index(d) for d in range(len(shape))])
+    elif layout == "offset":  # unaligned vector loads
+        x = make_tensor([math.prod(shape) + 1], dtype, "contiguous", device, seed)[1:].view(shape)
+    else:
+        x = make_tensor(shape, dtype, layout, device, seed, channel_dim=1)
+    not_spikes = draw_spikes(data, x)
+    record(f"torch.ops.matterhorn.pack_spikes({describe(x)}, layer={layer!r}), a non-spike: {not_spikes}")
+    result = outcome(lambda: ops.pack_spikes(x) if layer is None else ops.pack_spikes(x, layer))
+    if not dtype.is_floating_point:
+        check_clean_error(result, names, types=(TypeError,))
+        return
+    if not_spikes:
+        check_not_spikes(result, names)
+        return
+    assert not isinstance(result, Raised), f"pack_spikes {result!r}"
+    bits, invalid = result
+    assert bits.dtype == torch.uint8 and list(bits.shape) == [-(-x.numel() // 8)] and bits.device == x.device
+    assert invalid.dtype == torch.uint8 and invalid.dim() == 0 and invalid.device == x.device
+    strides = packed_strides(x)
+    if device == "cpu":
+        assert torch.equal(bits, reference_bits(x, strides)), f"bits {bits.tolist()}"
+        assert int(invalid) == 0
+    out_dtype = data.draw(st.sampled_from([dtype] * 3 + FLOATS), label="unpack dtype")
+    flag = data.draw(st.sampled_from([invalid, None]), label="invalid")
+    y = ops.unpack_spikes(bits, flag, list(x.shape), strides, out_dtype)
+    assert y.shape == x.shape and list(y.stride()) == strides and y.dtype == out_dtype and y.device == x.device, \
+        f"unpack_spikes gave {describe(y)}, expected strides {strides}"
+    if device == "cpu":
+        assert torch.equal(y, x.to(out_dtype)), "the round trip differs from the input"
+
+
+def unpack_case(data):
+    """unpack_spikes on drawn bits (the unused bits of the last byte random too) and hostile
+    arguments: bits of another length, rank or dtype, a stride that is not a dense permutation or
+    of another rank, a negative or overflowing size, a set, misshaped or misplaced `invalid` flag,
+    a non-floating dtype. One thing wrong: its exception type; several: any clean error; none:
+    the plain-torch unpacking in exactly that layout."""
+    seed = data.draw(seeds, label="seed")
+    layer = data.draw(st.sampled_from([None, "Linear"]), label="layer")
+    names = ("unpack_spikes",) if layer is None else (layer, "unpack_spikes")
+    shape = draw_spike_shape(data)
+    rank, n = len(shape), math.prod(shape)
+    order = data.draw(st.permutations(range(rank)), label="memory order")
+    in_memory = contiguous_strides([shape[d] for d in order])
+    stride = [in_memory[order.index(d)] for d in range(rank)]
+    problems = []  # (what, exception types)
+    size_kind = data.draw(st.sampled_from(["drawn"] * 12 + ["negative", "overflow"]), label="size kind")
+    if size_kind == "negative" and rank:
+        shape[0] = -1
+        problems.append(("a negative size", (ValueError,)))
+    if size_kind == "overflow":  # 2**64 (+ 4) values: the count wraps to 0 (4) in int64
+        extra = data.draw(st.sampled_from([0, 1]), label="wrapped count")
+        shape, stride, n = [2**62 + extra, 4], [4, 1], 4 * extra
+        problems.append(("more values than int64 counts", ALLOWED))
+    stride_kind = data.draw(st.sampled_from(["dense"] * 8 + ["gap", "negative", "rank"]), label="stride kind")
+    if stride_kind == "gap" and rank:
+        stride[-1] *= 2
+    elif stride_kind == "negative" and rank:
+        stride[0] = -stride[0]
+    elif stride_kind == "rank":
+        stride = stride + [1]
+        problems.append(("a stride of another rank", (ValueError,)))
+    if len(stride) == len(shape) and min(shape, default=0) >= 0:
+        # an empty tensor (or a dimension of size 1) has no values a stride could misplace: either verdict
+        if not dense_layout(shape, stride):
+            problems.append(("a stride that is no dense permutation", (ValueError,) if n else "either"))
+        elif min(stride, default=0) < 0:
+            problems.append(("a negative stride", "either"))
+    nbytes = -(-n // 8)
+    length = data.draw(st.sampled_from([nbytes] * 8 + [nbytes + 1, max(nbytes - 1, 0)]), label="bits length")
+    bits_shape = [length] if data.draw(st.integers(0, 9), label="bits rank 2?") else [1, length]
+    if bits_shape != [nbytes]:
+        problems.append(("bits of another shape", (ValueError,)))
+    bits_dtype = data.draw(st.sampled_from([torch.uint8] * 8 + [torch.int8, torch.float32]), label="bits dtype")
+    if bits_dtype != torch.uint8:
+        problems.append(("bits of another dtype", (TypeError,)))
+    device = data.draw(st.sampled_from(["cpu"] * 5 + ["meta"]), label="device")
+    bits = torch.randint(0, 256, bits_shape, generator=torch.Generator().manual_seed(seed)).to(bits_dtype).to(device)
+    flag_kind = data.draw(st.sampled_from(["none", "zero"] * 3 + ["set", "float", "shape", "device"]), label="invalid")
+    flag = {"none": None, "zero": torch.zeros((), dtype=torch.uint8, device=device),
+            "set": torch.ones((), dtype=torch.uint8, device=device),
+            "float": torch.zeros((), dtype=torch.float32, device=device),
+            "shape": torch.zeros(1, dtype=torch.uint8, device=device),
+            "device": torch.zeros((), dtype=torch.uint8, device="meta" if device == "cpu" else "cpu")}[flag_kind]
+    if flag_kind == "float":
+        problems.append(("an invalid flag of another dtype", (TypeError,)))
+    elif flag_kind in ("shape", "device"):
+        problems.append((f"an invalid flag of another {flag_kind}", (ValueError,)))
+    dtype = draw_dtype(data, "dtype")
+    if not dtype.is_floating_point:
+        problems.append(("a non-floating dtype", (TypeError,)))
+    set_flag = flag_kind == "set" and device == "cpu"  # the meta kernel reads no value
+    record(f"torch.ops.matterhorn.unpack_spikes({describe(bits)}, {describe(flag)}, {shape}, {stride}, {dtype}, "
+           f"layer={layer!r}); problems {[p for p, _ in problems]}, a set flag: {set_flag}")
+    arguments = (bits, flag, shape, stride, dtype) + (() if layer is None else (layer,))
+    result = outcome(lambda: ops.unpack_spikes(*arguments))
+    strict = [types for _, types in problems if types != "either"]
+    if strict:
+        check_clean_error(result, names, types=strict[0] if len(strict) == 1 and len(problems) == 1 else ALLOWED)
+        return
+    if problems:  # "either": a clean error, or a tensor of that shape
+        if isinstance(result, Raised):
+            check_clean_error(result, names)
+        else:
+            assert list(result.shape) == shape and result.dtype == dtype, f"unpack_spikes gave {describe(result)}"
+        return
+    if set_flag:
+        check_not_spikes(result, names)
+        return
+    assert not isinstance(result, Raised), f"unpack_spikes {result!r}"
+    assert list(result.shape) == shape and list(result.stride()) == stride and result.dtype == dtype \
+        and result.device == bits.device, f"unpack_spikes gave {describe(result)}, expected strides {stride}"
+    if device == "cpu":
+        assert torch.equal(result, reference_unpack(bits, shape, stride, dtype)), "the values differ from the bits'"
+
+
+@case
+@given(data=st.data())
+def test_spike_ops(data):
+    """The spike ops (docs/API.md "Spike input"): spike_linear, spike_conv and spike_conv_transpose
+    as the dense ops' properties draw them, on 0/1 inputs, against torch on the folded tensor and
+    the dense op (output and gradients); a non-spike value where a graph is recorded is a ValueError
+    naming the layer; pack_spikes / unpack_spikes against a plain-torch bit layout."""
+    which = data.draw(st.sampled_from(["spike_linear", "spike_conv", "pack_spikes", "unpack_spikes"]), label="op")
+    {"spike_linear": lambda: linear_op_case(data, spike=True), "spike_conv": lambda: conv_op_case(data, spike=True),
+     "pack_spikes": lambda: pack_case(data), "unpack_spikes": lambda: unpack_case(data)}[which]()
+
+
+@case
+@given(data=st.data())
+def test_spike_input_layers(data):
+    """Linear, ConvNd, ConvTransposeNd and WS layers with spike_input=True, drawn as their dense
+    properties draw them, on 0/1 inputs: torch.nn on the folded tensor is the verdict for the output
+    and the gradients; a non-spike value where a graph is recorded is a ValueError naming the layer."""
+    name = data.draw(st.sampled_from(["Linear"] + CONVS + WS_LAYERS), label="layer")
+    if name == "Linear":
+        linear_layer_case(data, spike_input=True)
+    elif name in CONVS:
+        conv_layer_case(data, name, spike_input=True)
+    else:
+        ws_layer_case(data, name, spike_input=True)
+
+
 # Every public op has a case above (checked by tests/test_fuzz.py against the registered ops).
 FUZZED_OPS = {
     "linear": test_linear_op, "conv": test_conv_ops, "conv_transpose": test_conv_ops,
@@ -1557,6 +1904,8 @@ FUZZED_OPS = {
     "batch_norm_update_stats": test_batch_norm_update_stats_op, "batch_norm_normalize": test_batch_norm_normalize_op,
     "layer_norm": test_layer_norm_ops, "layer_norm_normalize": test_layer_norm_ops,
     "layer_norm_backward": test_layer_norm_backward_op,
+    **{n: test_spike_ops for n in ("spike_linear", "spike_conv", "spike_conv_transpose", "pack_spikes",
+                                   "unpack_spikes")},
     **{n: test_weight_standardize_ops for n in ("weight_standardize", "weight_standardize_forward",
                                                 "weight_standardize_backward")},
 }
