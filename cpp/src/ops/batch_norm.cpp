@@ -413,9 +413,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scaled_backward(
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> normalize_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const at::Tensor& grad, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, bool batch_statistics,
     double eps, int64_t groups, const std::optional<at::Tensor>& scale, std::array<bool, 4> needs) {
+  // An expanded or strided grad (y.sum()'s) made dense once, not by each building block it meets
+  const at::Tensor grad_output = grad.is_contiguous() || channels_innermost(grad)
+      ? grad
+      : grad.contiguous(input.suggest_memory_format());
   if (given(scale)) {
     return scaled_backward(grad_output, input, weight, bias, mean, var, batch_statistics, eps, *scale, needs);
   }
