@@ -234,3 +234,13 @@ class TestErrors:
     def test_bad_output_padding_at_construction(self):
         with pytest.raises(ValueError, match=re.escape("ConvTranspose1d: output_padding must be an integer (or a tuple of them) >= 0")):
             mth.snn.ConvTranspose1d(2, 2, 3, output_padding=-1)
+
+
+@pytest.mark.parametrize("output_size", [[0], [1]])
+def test_output_size_below_the_layers_own_output_is_torch_nns_result(output_size):
+    # the layer's output would be size -1; output_size picks the output_padding that makes 0 or 1, as in torch.nn
+    ours = mth.snn.ConvTranspose1d(1, 1, 1, stride=3, padding=1, multi_time_step=False)
+    reference = nn.ConvTranspose1d(1, 1, 1, stride=3, padding=1)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.rand(2, 1, 1)
+    torch.testing.assert_close(ours(x, output_size=output_size), reference(x, output_size=output_size))

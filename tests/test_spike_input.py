@@ -438,3 +438,10 @@ def test_cuda_kernels_move_each_value_once_in_16_byte_vectors(emulated, dtype):
     assert emulated.take_traffic() == [x.numel() * x.element_size(), bits.numel()]
     emulated.unpack_spikes(bits, invalid, list(x.shape), list(x.stride()), dtype)
     assert emulated.take_traffic() == [bits.numel(), x.numel() * x.element_size()]
+
+
+def test_unpack_spikes_argument_errors_say_what_is_wrong():
+    with pytest.raises(TypeError, match="`invalid` as a uint8 scalar, got torch.float32"):
+        torch.ops.matterhorn.unpack_spikes(torch.zeros(1, dtype=torch.uint8), torch.zeros(()), [3], [1], torch.float32)
+    with pytest.raises(ValueError, match="overflows int64"):
+        torch.ops.matterhorn.unpack_spikes(torch.zeros(0, dtype=torch.uint8), None, [2**62, 4], [4, 1], torch.float32)

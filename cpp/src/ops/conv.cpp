@@ -133,6 +133,8 @@ void check_conv_arguments(
     const c10::SymInt after = padding_after(spec, d, dims);
     const c10::SymInt kernel_extent = spec.dilation[d] * (weight.sym_size(2 + d) - 1) + 1;
     if (spec.transposed) {
+      // output_size picks output_padding (fold_and_pad checks its range; a size of 0 is empty, as torch.nn)
+      if (spec.output_size.has_value()) continue;
       const c10::SymInt output = (size - 1) * spec.stride[d] - 2 * before + kernel_extent +
           spec.output_padding[d];
       TORCH_CHECK_VALUE(

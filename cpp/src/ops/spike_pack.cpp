@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <vector>
 
+#include <c10/util/safe_numerics.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
@@ -44,6 +45,11 @@ void check_unpack_spikes(
   c10::SymInt n = 1;
   for (const auto& s : size) {
     TORCH_CHECK_VALUE(s >= 0, layer, ": unpack_spikes got a negative size ", size);
+    const auto known_n = n.maybe_as_int(), known_s = s.maybe_as_int();
+    int64_t product = 0;
+    TORCH_CHECK_VALUE(
+        !(known_n && known_s && c10::mul_overflows(*known_n, *known_s, &product)), layer,
+        ": unpack_spikes got a size whose number of values overflows int64: ", size);
     n = n * s;
   }
   TORCH_CHECK_TYPE(
@@ -69,9 +75,13 @@ void check_unpack_spikes(
       dense || n == 0, layer, ": unpack_spikes needs a non-overlapping dense stride, got size ", size, " and stride ",
       stride);
   if (invalid.has_value() && invalid->defined()) {
+    TORCH_CHECK_TYPE(
+        invalid->scalar_type() == at::kByte, layer, ": unpack_spikes expects `invalid` as a uint8 scalar, got ",
+        dtype_name(invalid->scalar_type()));
     TORCH_CHECK_VALUE(
-        invalid->dim() == 0 && invalid->scalar_type() == at::kByte && invalid->device() == bits.device(), layer,
-        ": unpack_spikes expects `invalid` as a uint8 scalar on the bits' device");
+        invalid->dim() == 0 && invalid->device() == bits.device(), layer,
+        ": unpack_spikes expects `invalid` as a uint8 scalar on the bits' device, got shape ", invalid->sym_sizes(),
+        " on ", invalid->device());
   }
 }
 
