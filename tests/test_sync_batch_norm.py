@@ -100,6 +100,7 @@ UNEVEN_CASES = {  # (layer factory, definition, dtype)
                                    tdbn_definition, torch.float64),
     "per_step": (lambda: mth.snn.BatchNorm2d(C, per_step=True), per_step_definition, torch.float64),
     "bfloat16": (lambda: mth.snn.BatchNorm2d(C), tdbn_definition, torch.bfloat16),
+    "tdBN": (lambda: mth.snn.ThresholdDependentBatchNorm2d(0.5, 2.0, C), tdbn_definition, torch.float64),
     "TEBN": (lambda: mth.snn.TemporalEffectiveBatchNorm2d(T, C), tebn_definition, torch.float64),
     "BNTT-momentum=None": (lambda: mth.snn.BatchNormThroughTime2d(T, C, momentum=None), bntt_definition,
                            torch.float64),
