@@ -384,3 +384,19 @@ def test_compiled_autograd_of_a_training_step_equals_eager(name, args, kwargs, t
     expected = gradients(False)
     for got, want in zip(gradients(True), expected):
         torch.testing.assert_close(got, want)
+
+
+def test_a_parametrized_weight_is_used_as_in_torch_nn():
+    # torch.nn.utils.parametrize moves the weight out of the parameter dict and computes it on access
+    from torch.nn.utils import parametrize
+
+    class Positive(nn.Module):
+        def forward(self, weight):
+            return weight.abs() + 1
+
+    ours, reference = mth.snn.BatchNorm2d(3), nn.BatchNorm2d(3)
+    reference.load_state_dict(ours.state_dict())
+    for layer in (ours, reference):
+        parametrize.register_parametrization(layer, "weight", Positive())
+    x = torch.randn(2, 4, 3, 5, 5)
+    torch.testing.assert_close(ours(x), reference(x.flatten(0, 1)).unflatten(0, (2, 4)))

@@ -402,6 +402,18 @@ class WSConv3d(_WSConvNd, Conv3d):
     """3-D convolution synapse with a standardised weight: ``[T, B, C_in, H, W, L] -> [T, B, C_out, ...]``."""
 
 
+def _member(module: nn.Module, name: str):
+    """``module.<name>`` read from its parameter or buffer dict when it is there: Module.__getattr__
+    costs ~0.5 us per tensor, 2 us of a tiny BatchNorm's ~10 us call (bench/bench_overhead.py).
+    Otherwise (a parametrization, a plain tensor attribute) the attribute itself."""
+    parameters, buffers = module._parameters, module._buffers
+    if name in parameters:
+        return parameters[name]
+    if name in buffers:
+        return buffers[name]
+    return getattr(module, name)
+
+
 class _BatchNorm(_TwinSynapse):
     """BatchNorm over ``[T, B, C, ...]``: per-channel statistics over T, B and every spatial
     position (torch.nn's BatchNormNd on the folded ``[T*B, C, ...]`` tensor), running statistics
@@ -471,21 +483,19 @@ class _BatchNorm(_TwinSynapse):
         training = self.training
         if self.sync and training and self._synchronising():
             return self._forward_synchronised(input, scale)
-        # The tensors from the module's dicts: Module.__getattr__ costs ~0.5 us per parameter or
-        # buffer, 2 us of a tiny layer's ~10 us call (bench/bench_overhead.py).
-        parameters, buffers = self._parameters, self._buffers
         use_running = not training or self.track_running_stats
-        running_mean = buffers["running_mean"] if use_running else None
-        running_var = buffers["running_var"] if use_running else None
+        running_mean = _member(self, "running_mean") if use_running else None
+        running_var = _member(self, "running_var") if use_running else None
+        weight, bias = _member(self, "weight"), _member(self, "bias")
         if _onnx.exporting():
             return _onnx.batch_norm(
-                input, parameters["weight"], parameters["bias"], running_mean, running_var, None, training,
+                input, weight, bias, running_mean, running_var, None, training,
                 self.momentum, self.eps, self.layer_name, self.num_features, self.step_mode == "m", self.per_step,
                 self.batch_first, scale,
             )
         return torch.ops.matterhorn.batch_norm_layer(
-            input, parameters["weight"], parameters["bias"], running_mean, running_var,
-            buffers["num_batches_tracked"] if training and self.track_running_stats else None,
+            input, weight, bias, running_mean, running_var,
+            _member(self, "num_batches_tracked") if training and self.track_running_stats else None,
             training, self.momentum, self.eps, self.layer_name, self.num_features, self.step_mode == "m",
             self.per_step, self.batch_first, scale,
         )
@@ -682,7 +692,7 @@ class _TemporalEffectiveBatchNorm(_TemporalBatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # the parameter from its dict, as _eager_normalize reads the others
-            return self._eager_normalize(input, self._parameters["scale"])
+            return self._eager_normalize(input, _member(self, "scale"))
         return self._normalize(input, self.scale)
 
     def extra_repr(self) -> str:
