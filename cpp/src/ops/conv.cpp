@@ -229,6 +229,32 @@ at::Tensor unfold_output(const at::Tensor& output, const FoldedConv& folded) {
   return folded.time_batch.has_value() ? output.unflatten_symint(0, *folded.time_batch) : output;
 }
 
+ConvSpec make_conv_spec(
+    c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, c10::SymInt groups,
+    std::string_view padding_mode) {
+  ConvSpec spec;
+  spec.stride = stride;
+  spec.padding = padding;
+  spec.dilation = dilation;
+  spec.groups = std::move(groups);
+  spec.padding_mode = padding_mode;
+  return spec;
+}
+
+ConvSpec make_conv_transpose_spec(
+    c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef output_padding, c10::SymInt groups,
+    c10::SymIntArrayRef dilation, at::OptionalSymIntArrayRef output_size) {
+  ConvSpec spec;
+  spec.transposed = true;
+  spec.stride = stride;
+  spec.padding = padding;
+  spec.output_padding = output_padding;
+  spec.output_size = output_size;
+  spec.groups = std::move(groups);
+  spec.dilation = dilation;
+  return spec;
+}
+
 namespace {
 
 at::Tensor run_conv(
@@ -247,28 +273,16 @@ at::Tensor conv_kernel(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation,
     c10::SymInt groups, c10::string_view padding_mode) {
-  ConvSpec spec;
-  spec.stride = stride;
-  spec.padding = padding;
-  spec.dilation = dilation;
-  spec.groups = std::move(groups);
-  spec.padding_mode = padding_mode;
-  return run_conv(input, weight, bias, spec);
+  return run_conv(input, weight, bias, make_conv_spec(stride, padding, dilation, std::move(groups), padding_mode));
 }
 
 at::Tensor conv_transpose_kernel(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef output_padding,
     c10::SymInt groups, c10::SymIntArrayRef dilation, at::OptionalSymIntArrayRef output_size) {
-  ConvSpec spec;
-  spec.transposed = true;
-  spec.stride = stride;
-  spec.padding = padding;
-  spec.output_padding = output_padding;
-  spec.output_size = output_size;
-  spec.groups = std::move(groups);
-  spec.dilation = dilation;
-  return run_conv(input, weight, bias, spec);
+  return run_conv(
+      input, weight, bias,
+      make_conv_transpose_spec(stride, padding, output_padding, std::move(groups), dilation, output_size));
 }
 
 }  // namespace detail

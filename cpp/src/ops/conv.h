@@ -26,6 +26,14 @@ struct ConvSpec {
   std::string_view padding_mode = "zeros";  // zeros | reflect | replicate | circular
 };
 
+// The spec of a convolution / a transposed convolution from the ops' arguments (the schemas' order).
+ConvSpec make_conv_spec(
+    c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, c10::SymInt groups,
+    std::string_view padding_mode);
+ConvSpec make_conv_transpose_spec(
+    c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef output_padding, c10::SymInt groups,
+    c10::SymIntArrayRef dilation, at::OptionalSymIntArrayRef output_size);
+
 // "Conv2d", "ConvTranspose3d", ... from the weight's rank.
 LayerName conv_layer_name(const at::Tensor& weight, bool transposed);
 

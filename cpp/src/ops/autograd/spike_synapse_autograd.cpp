@@ -155,16 +155,10 @@ struct SpikeConvBackward final : torch::autograd::Node {
   }
 
   detail::ConvSpec spec() const {
-    detail::ConvSpec s;
-    s.transposed = transposed;
-    s.stride = stride;
-    s.padding = padding;
-    s.dilation = dilation;
-    s.output_padding = output_padding;
-    if (output_size.has_value()) s.output_size = c10::SymIntArrayRef(*output_size);
-    s.groups = groups;
-    s.padding_mode = padding_mode;
-    return s;
+    if (!transposed) return detail::make_conv_spec(stride, padding, dilation, groups, padding_mode);
+    return detail::make_conv_transpose_spec(
+        stride, padding, output_padding, groups, dilation,
+        output_size.has_value() ? at::OptionalSymIntArrayRef(*output_size) : std::nullopt);
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -250,13 +244,7 @@ at::Tensor spike_conv_autograd(
     return op.call(input, weight, bias, stride, padding, dilation, groups, padding_mode);
   }();
   if (!torch::autograd::compute_requires_grad(input, weight, bias)) return output;
-  detail::ConvSpec spec;
-  spec.stride = stride;
-  spec.padding = padding;
-  spec.dilation = dilation;
-  spec.groups = std::move(groups);
-  spec.padding_mode = padding_mode;
-  record_conv(output, input, weight, bias, spec);
+  record_conv(output, input, weight, bias, detail::make_conv_spec(stride, padding, dilation, groups, padding_mode));
   return output;
 }
 
@@ -277,15 +265,9 @@ at::Tensor spike_conv_transpose_autograd(
     return op.call(input, weight, bias, stride, padding, output_padding, groups, dilation, output_size);
   }();
   if (!torch::autograd::compute_requires_grad(input, weight, bias)) return output;
-  detail::ConvSpec spec;
-  spec.transposed = true;
-  spec.stride = stride;
-  spec.padding = padding;
-  spec.output_padding = output_padding;
-  spec.output_size = output_size;
-  spec.groups = std::move(groups);
-  spec.dilation = dilation;
-  record_conv(output, input, weight, bias, spec);
+  record_conv(
+      output, input, weight, bias,
+      detail::make_conv_transpose_spec(stride, padding, output_padding, groups, dilation, output_size));
   return output;
 }
 
