@@ -9,18 +9,19 @@
 
 #include "matterhorn/ops/conv.h"
 #include "matterhorn/ops/linear.h"
+#include "matterhorn/ops/spike.h"
 #include "matterhorn/ops/weight_standardize.h"
 
 namespace matterhorn::snn {
 namespace {
 
-// Builds the twin module (Linear, ConvNd): its constructor checks the arguments and initialises
-// weight and bias as torch.nn does. Its errors name the twin ("Conv2d: ..."); they are raised
-// again in this layer's name ("WSConv2d: ...").
-template <typename Make>
-auto make_twin(Make&& make) {
+// Runs `call`: the twin module's constructor (Linear, ConvNd: it checks the arguments and
+// initialises weight and bias as torch.nn does) or the twin's op in forward. Their errors name the
+// twin ("Conv2d: ..."); they are raised again in this layer's name ("WSConv2d: ...").
+template <typename Call>
+auto in_layer_name(Call&& call) {
   try {
-    return make();
+    return call();
   } catch (const c10::ValueError& error) {
     C10_THROW_ERROR(ValueError, "WS" + error.msg());
   } catch (const c10::TypeError& error) {
@@ -55,9 +56,7 @@ std::optional<at::Tensor> optional_bias(const at::Tensor& bias) {
 WSLinearImpl::WSLinearImpl(WSLinearOptions options_) : options(std::move(options_)) { WSLinearImpl::reset(); }
 
 void WSLinearImpl::reset() {
-  const auto twin = make_twin([&] {
-    return LinearImpl(LinearOptions(options.in_features(), options.out_features()).bias(options.bias()));
-  });
+  const auto twin = in_layer_name([&] { return LinearImpl(options.linear()); });
   create_parameters(*this, "WSLinear", twin, options.bias(), options.affine(), options.eps(), weight, bias, gamma,
                     beta);
 }
@@ -65,7 +64,8 @@ void WSLinearImpl::reset() {
 void WSLinearImpl::pretty_print(std::ostream& stream) const {
   stream << "matterhorn::snn::WSLinear(in_features=" << options.in_features()
          << ", out_features=" << options.out_features() << ", bias=" << std::boolalpha << options.bias()
-         << ", affine=" << options.affine() << ", eps=" << options.eps() << ")";
+         << ", affine=" << options.affine() << ", eps=" << options.eps()
+         << (options.spike_input() ? ", spike_input=true" : "") << ")";
 }
 
 at::Tensor WSLinearImpl::standardized_weight() const {
@@ -73,7 +73,9 @@ at::Tensor WSLinearImpl::standardized_weight() const {
 }
 
 at::Tensor WSLinearImpl::forward(const at::Tensor& input) {
-  return ops::linear(input, standardized_weight(), optional_bias(bias));
+  const auto linear = options.spike_input() ? &ops::spike_linear : &ops::linear;
+  const at::Tensor w = standardized_weight();
+  return in_layer_name([&] { return linear(input, w, optional_bias(bias)); });
 }
 
 template <size_t D>
@@ -83,7 +85,7 @@ WSConvImpl<D>::WSConvImpl(WSConvOptions<D> options_) : options(std::move(options
 
 template <size_t D>
 void WSConvImpl<D>::reset() {
-  const auto twin = make_twin([&] { return ConvImpl<D>(options.conv()); });
+  const auto twin = in_layer_name([&] { return ConvImpl<D>(options.conv()); });
   create_parameters(*this, c10::str("WSConv", D, "d"), twin, options.bias(), options.affine(), options.eps(), weight,
                     bias, gamma, beta);
   // the op's explicit padding, and its name for the padding mode ("zeros" from torch::kZeros)
@@ -110,7 +112,7 @@ void WSConvImpl<D>::pretty_print(std::ostream& stream) const {
   }
   stream << ", dilation=" << options.dilation() << ", groups=" << options.groups() << ", bias=" << std::boolalpha
          << options.bias() << ", padding_mode=" << padding_mode_ << ", affine=" << options.affine()
-         << ", eps=" << options.eps() << ")";
+         << ", eps=" << options.eps() << (options.spike_input() ? ", spike_input=true" : "") << ")";
 }
 
 template <size_t D>
@@ -120,8 +122,12 @@ at::Tensor WSConvImpl<D>::standardized_weight() const {
 
 template <size_t D>
 at::Tensor WSConvImpl<D>::forward(const at::Tensor& input) {
-  return ops::conv(input, standardized_weight(), optional_bias(bias), *options.stride(), padding_,
-                   *options.dilation(), options.groups(), padding_mode_);
+  const auto conv = options.spike_input() ? &ops::spike_conv : &ops::conv;
+  const at::Tensor w = standardized_weight();
+  return in_layer_name([&] {
+    return conv(input, w, optional_bias(bias), *options.stride(), padding_, *options.dilation(), options.groups(),
+                padding_mode_);
+  });
 }
 
 template class WSConvImpl<1>;

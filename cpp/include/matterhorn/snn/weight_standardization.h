@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <ostream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <torch/arg.h>
@@ -21,48 +22,59 @@
 
 namespace matterhorn::snn {
 
-struct C10_EXPORT WSLinearOptions {
-  WSLinearOptions(int64_t in_features, int64_t out_features)
-      : in_features_(in_features), out_features_(out_features) {}
-  TORCH_ARG(int64_t, in_features);
-  TORCH_ARG(int64_t, out_features);
-  TORCH_ARG(bool, bias) = true;
+// A setter of Base's (a TORCH_ARG) that returns the derived options, so that a chain such as
+// WSConv2dOptions(3, 8, 3).padding(1).eps(1e-5) goes on to the WS arguments; the getters are Base's.
+#define MATTERHORN_BASE_ARG(T, name)                  \
+  using Base::name;                                   \
+  auto name(const T& value) -> decltype(*this) {      \
+    Base::name(value);                                \
+    return *this;                                     \
+  }                                                   \
+  auto name(T&& value) -> decltype(*this) {           \
+    Base::name(std::move(value));                     \
+    return *this;                                     \
+  }
+
+// LinearOptions (spike_input included), then affine and eps.
+struct C10_EXPORT WSLinearOptions : LinearOptions {
+  using Base = LinearOptions;
+  WSLinearOptions(int64_t in_features, int64_t out_features) : Base(in_features, out_features) {}
+  MATTERHORN_BASE_ARG(int64_t, in_features)
+  MATTERHORN_BASE_ARG(int64_t, out_features)
+  MATTERHORN_BASE_ARG(bool, bias)
+  MATTERHORN_BASE_ARG(bool, spike_input)
+  // The linear layer's own options.
+  const LinearOptions& linear() const { return *this; }
   TORCH_ARG(bool, affine) = true;  // gamma trained
   TORCH_ARG(double, eps) = 1e-6;
 };
 
-// ConvOptions' arguments (the page's order) and affine, eps.
+// ConvOptions (the page's order, spike_input included), then affine and eps.
 template <size_t D>
-struct WSConvOptions {
-  using padding_t = typename ConvOptions<D>::padding_t;
-  using padding_mode_t = typename ConvOptions<D>::padding_mode_t;
+struct WSConvOptions : ConvOptions<D> {
+  using Base = ConvOptions<D>;
+  using padding_t = typename Base::padding_t;
+  using padding_mode_t = typename Base::padding_mode_t;
 
   WSConvOptions(int64_t in_channels, int64_t out_channels, torch::ExpandingArray<D> kernel_size)
-      : in_channels_(in_channels), out_channels_(out_channels), kernel_size_(kernel_size) {}
-  TORCH_ARG(int64_t, in_channels);
-  TORCH_ARG(int64_t, out_channels);
-  TORCH_ARG(torch::ExpandingArray<D>, kernel_size);
-  TORCH_ARG(torch::ExpandingArray<D>, stride) = 1;
-  TORCH_ARG(padding_t, padding) = 0;
-  TORCH_ARG(torch::ExpandingArray<D>, dilation) = 1;
-  TORCH_ARG(int64_t, groups) = 1;
-  TORCH_ARG(bool, bias) = true;
-  TORCH_ARG(padding_mode_t, padding_mode) = torch::kZeros;
+      : Base(in_channels, out_channels, kernel_size) {}
+  MATTERHORN_BASE_ARG(int64_t, in_channels)
+  MATTERHORN_BASE_ARG(int64_t, out_channels)
+  MATTERHORN_BASE_ARG(torch::ExpandingArray<D>, kernel_size)
+  MATTERHORN_BASE_ARG(torch::ExpandingArray<D>, stride)
+  MATTERHORN_BASE_ARG(padding_t, padding)
+  MATTERHORN_BASE_ARG(torch::ExpandingArray<D>, dilation)
+  MATTERHORN_BASE_ARG(int64_t, groups)
+  MATTERHORN_BASE_ARG(bool, bias)
+  MATTERHORN_BASE_ARG(padding_mode_t, padding_mode)
+  MATTERHORN_BASE_ARG(bool, spike_input)
+  // The convolution's own options.
+  const ConvOptions<D>& conv() const { return *this; }
   TORCH_ARG(bool, affine) = true;  // gamma trained
   TORCH_ARG(double, eps) = 1e-6;
-
- public:  // TORCH_ARG leaves the section private
-  // The convolution's own options.
-  ConvOptions<D> conv() const {
-    return ConvOptions<D>(in_channels(), out_channels(), kernel_size())
-        .stride(stride())
-        .padding(padding())
-        .dilation(dilation())
-        .groups(groups())
-        .bias(bias())
-        .padding_mode(padding_mode());
-  }
 };
+
+#undef MATTERHORN_BASE_ARG
 
 class C10_EXPORT WSLinearImpl : public torch::nn::Cloneable<WSLinearImpl> {
  public:
