@@ -1,6 +1,7 @@
 // matterhorn_pytorch._C: build information and the C++ modules, for parity tests.
 // Tensor compute is never routed through here: the ops live in the dispatcher (torch.ops.matterhorn).
 #include <sstream>
+#include <tuple>
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -60,6 +61,40 @@ void bind_module_tensors(PyClass& cls) {
       });
 }
 
+// Binds `make` (the Python class's arguments, in its order -> the layer's options) as Holder's constructor;
+// `arguments` describes them (py::arg with defaults, py::kw_only()).
+template <typename Holder, typename Options, typename... Types, typename... Arguments>
+void bind_init(py::class_<Holder>& cls, Options (*make)(Types...), const std::tuple<Arguments...>& arguments) {
+  std::apply(
+      [&](const auto&... described) {
+        cls.def(py::init([make](Types... values) { return Holder(make(values...)); }), described...);
+      },
+      arguments);
+}
+
+// A synapse (Linear, ConvNd, ConvTransposeNd and their WS twins): `make` and `positional` as for
+// bind_init, then a WS layer's affine and eps, then keyword-only spike_input, as the Python classes.
+template <typename Holder, typename Options, typename... Types, typename... Arguments>
+void bind_synapse(py::class_<Holder>& cls, Options (*make)(Types...), const std::tuple<Arguments...>& positional) {
+  std::apply(
+      [&](const auto&... described) {
+        if constexpr (requires(Options o) { o.affine(true).eps(0.0); }) {
+          cls.def(py::init([make](Types... values, bool affine, double eps, bool spike_input) {
+                    return Holder(make(values...).affine(affine).eps(eps).spike_input(spike_input));
+                  }),
+                  described..., py::arg("affine") = true, py::arg("eps") = 1e-6, py::kw_only(),
+                  py::arg("spike_input") = false);
+        } else {
+          cls.def(py::init([make](Types... values, bool spike_input) {
+                    return Holder(make(values...).spike_input(spike_input));
+                  }),
+                  described..., py::kw_only(), py::arg("spike_input") = false);
+        }
+      },
+      positional);
+  bind_module_tensors<Holder>(cls);
+}
+
 template <size_t D>
 torch::ExpandingArray<D> sizes(const std::vector<int64_t>& values) {
   if (values.size() == 1) return torch::ExpandingArray<D>(values[0]);
@@ -104,122 +139,116 @@ Options conv_options(
   return options;
 }
 
-// Conv1d/2d/3d with the Python class's arguments.
+// Conv1d/2d/3d and WSConv1d/2d/3d with the Python classes' arguments.
 template <typename Holder, size_t D>
 void bind_conv(py::module_& m, const char* name) {
-  auto cls = py::class_<Holder>(m, name);
-  cls.def(
-      py::init([](int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
-                  const std::vector<int64_t>& stride, const ConvPadding& padding, const std::vector<int64_t>& dilation,
-                  int64_t groups, bool bias, const std::string& mode, bool spike_input) {
-        return Holder(conv_options<snn::ConvOptions<D>, D>(
-                          in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, mode)
-                          .spike_input(spike_input));
-      }),
-      py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
-      py::arg("stride") = std::vector<int64_t>{1}, py::arg("padding") = std::vector<int64_t>{0},
-      py::arg("dilation") = std::vector<int64_t>{1}, py::arg("groups") = 1, py::arg("bias") = true,
-      py::arg("padding_mode") = "zeros", py::kw_only(), py::arg("spike_input") = false);
-  bind_module_tensors<Holder>(cls);
+  py::class_<Holder> cls(m, name);
+  bind_synapse(
+      cls, &conv_options<decltype(Holder::ContainedType::options), D>,
+      std::make_tuple(py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
+                      py::arg("stride") = std::vector<int64_t>{1}, py::arg("padding") = std::vector<int64_t>{0},
+                      py::arg("dilation") = std::vector<int64_t>{1}, py::arg("groups") = 1, py::arg("bias") = true,
+                      py::arg("padding_mode") = "zeros"));
 }
 
-// WSConv1d/2d/3d: Conv's arguments, then affine and eps.
-template <typename Holder, size_t D>
-void bind_ws_conv(py::module_& m, const char* name) {
-  auto cls = py::class_<Holder>(m, name);
-  cls.def(
-      py::init([](int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
-                  const std::vector<int64_t>& stride, const ConvPadding& padding, const std::vector<int64_t>& dilation,
-                  int64_t groups, bool bias, const std::string& mode, bool affine, double eps) {
-        return Holder(conv_options<snn::WSConvOptions<D>, D>(
-                          in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, mode)
-                          .affine(affine)
-                          .eps(eps));
-      }),
-      py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
-      py::arg("stride") = std::vector<int64_t>{1}, py::arg("padding") = std::vector<int64_t>{0},
-      py::arg("dilation") = std::vector<int64_t>{1}, py::arg("groups") = 1, py::arg("bias") = true,
-      py::arg("padding_mode") = "zeros", py::arg("affine") = true, py::arg("eps") = 1e-6);
-  bind_module_tensors<Holder>(cls);
+template <typename Options>
+Options linear_options(int64_t in_features, int64_t out_features, bool bias) {
+  return Options(in_features, out_features).bias(bias);
+}
+
+// Linear and WSLinear.
+template <typename Holder>
+void bind_linear(py::module_& m, const char* name) {
+  py::class_<Holder> cls(m, name);
+  bind_synapse(
+      cls, &linear_options<decltype(Holder::ContainedType::options)>,
+      std::make_tuple(py::arg("in_features"), py::arg("out_features"), py::arg("bias") = true));
+}
+
+template <size_t D>
+snn::ConvTransposeOptions<D> conv_transpose_options(
+    int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
+    const std::vector<int64_t>& stride, const std::vector<int64_t>& padding, const std::vector<int64_t>& output_padding,
+    int64_t groups, bool bias, const std::vector<int64_t>& dilation) {
+  snn::ConvTransposeOptions<D> options(in_channels, out_channels, sizes<D>(kernel_size));
+  options.stride(sizes<D>(stride)).padding(sizes<D>(padding)).output_padding(sizes<D>(output_padding));
+  options.groups(groups).bias(bias).dilation(sizes<D>(dilation));
+  return options;
 }
 
 template <typename Holder, size_t D>
 void bind_conv_transpose(py::module_& m, const char* name) {
-  auto cls = py::class_<Holder>(m, name);
-  cls.def(
-      py::init([](int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
-                  const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
-                  const std::vector<int64_t>& output_padding, int64_t groups, bool bias,
-                  const std::vector<int64_t>& dilation, bool spike_input) {
-        snn::ConvTransposeOptions<D> options(in_channels, out_channels, sizes<D>(kernel_size));
-        options.stride(sizes<D>(stride)).padding(sizes<D>(padding)).output_padding(sizes<D>(output_padding));
-        options.groups(groups).bias(bias).dilation(sizes<D>(dilation)).spike_input(spike_input);
-        return Holder(options);
-      }),
-      py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
-      py::arg("stride") = std::vector<int64_t>{1}, py::arg("padding") = std::vector<int64_t>{0},
-      py::arg("output_padding") = std::vector<int64_t>{0}, py::arg("groups") = 1,
-      py::arg("bias") = true, py::arg("dilation") = std::vector<int64_t>{1}, py::kw_only(),
-      py::arg("spike_input") = false);
-  bind_module_tensors<Holder>(cls);
+  py::class_<Holder> cls(m, name);
+  bind_synapse(
+      cls, &conv_transpose_options<D>,
+      std::make_tuple(py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
+                      py::arg("stride") = std::vector<int64_t>{1}, py::arg("padding") = std::vector<int64_t>{0},
+                      py::arg("output_padding") = std::vector<int64_t>{0}, py::arg("groups") = 1,
+                      py::arg("bias") = true, py::arg("dilation") = std::vector<int64_t>{1}));
   cls.def("forward", [](Holder& self, const py::capsule& input, const std::vector<int64_t>& output_size) {
     return tensor_to_capsule(self->forward(tensor_from_capsule(input), output_size));
   });
 }
 
+// BatchNorm's arguments after num_features, which the temporal norms share.
+auto norm_arguments() {
+  return std::make_tuple(py::arg("eps") = 1e-5, py::arg("momentum") = 0.1, py::arg("affine") = true,
+                         py::arg("track_running_stats") = true, py::kw_only());
+}
+
+snn::BatchNormOptions batch_norm_options(
+    int64_t num_features, double eps, std::optional<double> momentum, bool affine, bool track_running_stats, bool bias,
+    bool multi_time_step, bool batch_first, bool per_step) {
+  return snn::BatchNormOptions(num_features)
+      .eps(eps)
+      .momentum(momentum)
+      .affine(affine)
+      .track_running_stats(track_running_stats)
+      .bias(bias)
+      .step_mode(step_mode(multi_time_step))
+      .batch_first(batch_first)
+      .per_step(per_step);
+}
+
 template <typename Holder>
 void bind_batch_norm(py::module_& m, const char* name) {
-  auto cls = py::class_<Holder>(m, name);
-  cls.def(
-      py::init([](int64_t num_features, double eps, std::optional<double> momentum, bool affine,
-                  bool track_running_stats, bool bias, bool multi_time_step, bool batch_first, bool per_step) {
-        return Holder(snn::BatchNormOptions(num_features)
-                          .eps(eps)
-                          .momentum(momentum)
-                          .affine(affine)
-                          .track_running_stats(track_running_stats)
-                          .bias(bias)
-                          .step_mode(step_mode(multi_time_step))
-                          .batch_first(batch_first)
-                          .per_step(per_step));
-      }),
-      py::arg("num_features"), py::arg("eps") = 1e-5, py::arg("momentum") = 0.1, py::arg("affine") = true,
-      py::arg("track_running_stats") = true, py::kw_only(), py::arg("bias") = true,
-      py::arg("multi_time_step") = true, py::arg("batch_first") = false, py::arg("per_step") = false);
+  py::class_<Holder> cls(m, name);
+  bind_init(cls, &batch_norm_options,
+            std::tuple_cat(std::make_tuple(py::arg("num_features")), norm_arguments(),
+                           std::make_tuple(py::arg("bias") = true, py::arg("multi_time_step") = true,
+                                           py::arg("batch_first") = false, py::arg("per_step") = false)));
   bind_module_tensors<Holder>(cls);
+}
+
+snn::TemporalBatchNormOptions temporal_norm_options(
+    int64_t T, int64_t num_features, double eps, std::optional<double> momentum, bool affine, bool track_running_stats,
+    bool batch_first) {
+  return snn::TemporalBatchNormOptions(T, num_features)
+      .eps(eps)
+      .momentum(momentum)
+      .affine(affine)
+      .track_running_stats(track_running_stats)
+      .batch_first(batch_first);
+}
+
+snn::TemporalBatchNormOptions threshold_dependent_options(
+    double alpha, double v_th, int64_t num_features, double eps, std::optional<double> momentum, bool affine,
+    bool track_running_stats, bool batch_first) {
+  return temporal_norm_options(1, num_features, eps, momentum, affine, track_running_stats, batch_first)
+      .alpha(alpha)
+      .v_th(v_th);
 }
 
 // The temporal normalizations: (alpha, v_th, num_features, ...) for tdBN, (T, num_features, ...) else.
 template <typename Holder, snn::TemporalNorm K>
 void bind_temporal_norm(py::module_& m, const char* name) {
-  auto cls = py::class_<Holder>(m, name);
-  const auto make = [](int64_t T, double alpha, double v_th, int64_t num_features, double eps,
-                       std::optional<double> momentum, bool affine, bool track_running_stats, bool batch_first) {
-    return Holder(snn::TemporalBatchNormOptions(T, num_features)
-                      .alpha(alpha)
-                      .v_th(v_th)
-                      .eps(eps)
-                      .momentum(momentum)
-                      .affine(affine)
-                      .track_running_stats(track_running_stats)
-                      .batch_first(batch_first));
-  };
+  py::class_<Holder> cls(m, name);
+  const auto rest = std::tuple_cat(norm_arguments(), std::make_tuple(py::arg("batch_first") = false));
   if constexpr (K == snn::TemporalNorm::kThresholdDependent) {
-    cls.def(py::init([make](double alpha, double v_th, int64_t num_features, double eps, std::optional<double> momentum,
-                            bool affine, bool track_running_stats, bool batch_first) {
-              return make(1, alpha, v_th, num_features, eps, momentum, affine, track_running_stats, batch_first);
-            }),
-            py::arg("alpha"), py::arg("v_th"), py::arg("num_features"), py::arg("eps") = 1e-5,
-            py::arg("momentum") = 0.1, py::arg("affine") = true, py::arg("track_running_stats") = true, py::kw_only(),
-            py::arg("batch_first") = false);
+    bind_init(cls, &threshold_dependent_options,
+              std::tuple_cat(std::make_tuple(py::arg("alpha"), py::arg("v_th"), py::arg("num_features")), rest));
   } else {
-    cls.def(py::init([make](int64_t T, int64_t num_features, double eps, std::optional<double> momentum, bool affine,
-                            bool track_running_stats, bool batch_first) {
-              return make(T, 1.0, 1.0, num_features, eps, momentum, affine, track_running_stats, batch_first);
-            }),
-            py::arg("T"), py::arg("num_features"), py::arg("eps") = 1e-5, py::arg("momentum") = 0.1,
-            py::arg("affine") = true, py::arg("track_running_stats") = true, py::kw_only(),
-            py::arg("batch_first") = false);
+    bind_init(cls, &temporal_norm_options, std::tuple_cat(std::make_tuple(py::arg("T"), py::arg("num_features")), rest));
   }
   bind_module_tensors<Holder>(cls);
 }
@@ -290,29 +319,15 @@ PYBIND11_MODULE(_C, m) {
       .value("SINGLE", snn::StepMode::kSingle)
       .value("MULTI", snn::StepMode::kMulti);
 
-  auto linear = py::class_<snn::Linear>(m, "Linear");
-  linear.def(
-      py::init([](int64_t in_features, int64_t out_features, bool bias, bool spike_input) {
-        return snn::Linear(snn::LinearOptions(in_features, out_features).bias(bias).spike_input(spike_input));
-      }),
-      py::arg("in_features"), py::arg("out_features"), py::arg("bias") = true, py::kw_only(),
-      py::arg("spike_input") = false);
-  python::bind_module_tensors<snn::Linear>(linear);
+  python::bind_linear<snn::Linear>(m, "Linear");
 
   python::bind_conv<snn::Conv1d, 1>(m, "Conv1d");
   python::bind_conv<snn::Conv2d, 2>(m, "Conv2d");
   python::bind_conv<snn::Conv3d, 3>(m, "Conv3d");
-  python::bind_ws_conv<snn::WSConv1d, 1>(m, "WSConv1d");
-  python::bind_ws_conv<snn::WSConv2d, 2>(m, "WSConv2d");
-  python::bind_ws_conv<snn::WSConv3d, 3>(m, "WSConv3d");
-  auto ws_linear = py::class_<snn::WSLinear>(m, "WSLinear");
-  ws_linear.def(
-      py::init([](int64_t in_features, int64_t out_features, bool bias, bool affine, double eps) {
-        return snn::WSLinear(snn::WSLinearOptions(in_features, out_features).bias(bias).affine(affine).eps(eps));
-      }),
-      py::arg("in_features"), py::arg("out_features"), py::arg("bias") = true, py::arg("affine") = true,
-      py::arg("eps") = 1e-6);
-  python::bind_module_tensors<snn::WSLinear>(ws_linear);
+  python::bind_conv<snn::WSConv1d, 1>(m, "WSConv1d");
+  python::bind_conv<snn::WSConv2d, 2>(m, "WSConv2d");
+  python::bind_conv<snn::WSConv3d, 3>(m, "WSConv3d");
+  python::bind_linear<snn::WSLinear>(m, "WSLinear");
   python::bind_conv_transpose<snn::ConvTranspose1d, 1>(m, "ConvTranspose1d");
   python::bind_conv_transpose<snn::ConvTranspose2d, 2>(m, "ConvTranspose2d");
   python::bind_conv_transpose<snn::ConvTranspose3d, 3>(m, "ConvTranspose3d");
