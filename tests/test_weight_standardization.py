@@ -419,9 +419,24 @@ class TestErrors:
             layer(torch.randn(2, 2, 3, 5, 5, dtype=torch.float64))
         with pytest.raises(ValueError, match=r"^WSConv2d: the input is on meta but the layer's weight is on cpu"):
             layer(torch.randn(2, 2, 3, 5, 5, device="meta"))
-        # the shape is checked by the folded convolution, in its words
-        with pytest.raises(ValueError, match=r"Conv2d\(in_channels=3\): expected input \[T, B, 3, H, W\]"):
+        with pytest.raises(ValueError, match=r"^WSConv2d\(in_channels=3\): expected input \[T, B, 3, H, W\]"):
             layer(torch.randn(2, 2, 4, 5, 5))
+
+    # the folded op checks shape and spikes and names its base layer: the layer raises it in its own name
+    @pytest.mark.parametrize("multi_time_step", [True, False], ids=["multi-step", "single-step"])
+    @pytest.mark.parametrize("name,args,step,base", [("WSLinear", (6, 3), (6,), r"Linear\(in_features=6\)"),
+                                                     ("WSConv2d", (3, 4, 3), (3, 5, 5), r"Conv2d\(in_channels=3\)")])
+    def test_op_errors_name_the_layer(self, name, args, step, base, multi_time_step):
+        leading = (2, 3) if multi_time_step else (3,)
+        layer = getattr(mth.snn, name)(*args, multi_time_step=multi_time_step)
+        with pytest.raises(ValueError, match=rf"^WS{base}: expected input "):
+            layer(torch.randn(*leading, step[0] + 1, *step[1:]))
+        spiking = getattr(mth.snn, name)(*args, multi_time_step=multi_time_step, spike_input=True)
+        x = torch.randint(0, 2, (*leading, *step)).float()
+        spiking(x)  # spikes pass
+        x.view(-1)[1] = 0.5
+        with pytest.raises(ValueError, match=rf"^{name}: spike_input=True expects an input of spikes"):
+            spiking(x)
 
     @pytest.mark.parametrize("op", ["weight_standardize", "weight_standardize_forward"])
     def test_op_arguments(self, op):
@@ -562,6 +577,23 @@ def test_cpp_module_matches_the_python_class(case):
     for shape in [(3, 2, *size), (2, *size)]:
         x = torch.randn(shape)
         torch.testing.assert_close(from_dlpack(cpp.forward(to_dlpack(x))), python_layer(x))
+
+
+@pytest.mark.parametrize("name,args,size", [("WSLinear", (12, 5), (12,)), ("WSConv2d", (3, 4, [3]), (3, 6, 6))])
+def test_cpp_module_with_spike_input(name, args, size):
+    python_layer = getattr(mth.snn, name)(*[a[0] if isinstance(a, list) else a for a in args])
+    with torch.no_grad():
+        python_layer.gamma.uniform_(0.5, 1.5)
+    dense, spiking = cpp_layer(python_layer, name, args, {}), cpp_layer(python_layer, name, args, dict(spike_input=True))
+    assert repr(spiking).endswith(", spike_input=true)") and "spike_input" not in repr(dense)
+    x = torch.randint(0, 2, (3, 2, *size)).float()
+    expected = from_dlpack(dense.forward(to_dlpack(x)))
+    torch.testing.assert_close(expected, python_layer(x))
+    assert torch.equal(from_dlpack(spiking.forward(to_dlpack(x))), expected)  # the same dense op
+    x.view(-1)[1] = 0.5
+    with pytest.raises(ValueError, match=rf"^{name}: spike_input=True expects an input of spikes"):
+        spiking.forward(to_dlpack(x))
+    dense.forward(to_dlpack(x))  # the dense layer takes any value
 
 
 def test_cpp_module_parameters_repr_and_errors():

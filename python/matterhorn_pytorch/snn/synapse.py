@@ -322,6 +322,21 @@ class _WeightStandardized:
             raise ValueError(f"{name}: the input is on {input.device} but the layer's weight is on "
                              f"{self.weight.device}; move one of them with .to(device)")
 
+    @torch.jit.unused
+    def _forward_in_layer_name(self, input: torch.Tensor) -> torch.Tensor:
+        """forward outside TorchScript (``_standardized_forward``: the layer's): the input checked, and
+        the folded op's errors, which name the base layer ("Conv2d(in_channels=3): ...", "Linear: ..."),
+        raised again in this layer's name."""
+        self._check_input(input)
+        try:
+            return self._standardized_forward(input)
+        except (ValueError, TypeError) as error:
+            base, message = _torch_twin(type(self)).__name__, str(error)
+            named = message.startswith(base) and message[len(base):len(base) + 1] in (":", "(")
+            if type(error) not in (ValueError, TypeError) or not named:
+                raise
+            raise type(error)(type(self).__name__ + message[len(base):]) from None
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", affine={self.affine}, eps={self.eps}"
 
@@ -350,7 +365,10 @@ class WSLinear(_WeightStandardized, Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            self._check_input(input)
+            return self._forward_in_layer_name(input)
+        return self._standardized_forward(input)
+
+    def _standardized_forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._linear_forward(input, self.standardized_weight())
 
 
@@ -386,7 +404,10 @@ class _WSConvNd(_WeightStandardized):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            self._check_input(input)
+            return self._forward_in_layer_name(input)
+        return self._standardized_forward(input)
+
+    def _standardized_forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input, self.standardized_weight())
 
 
