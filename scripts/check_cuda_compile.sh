@@ -15,12 +15,20 @@ ABI="$("$PY" -c 'import torch; print(int(torch.compiled_with_cxx11_abi()))')"
 
 mapfile -t sources < <(find cpp -name '*.cu' | sort)
 echo "check_cuda_compile: ${#sources[@]} file(s), $("$NVCC" --version | tail -n 2 | head -n 1)"
-for source in "${sources[@]}"; do
-  start=$SECONDS
+check() {
+  local source=$1 start=$SECONDS
   # C++20 as torch's CMake config forces for CUDA. The wheel lacks c10/cuda's generated CMake header: C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it.
-  "$NVCC" -std=c++20 -arch=sm_90 -c "$source" -o /dev/null \
+  if "$NVCC" -std=c++20 -arch=sm_90 -c "$source" -o /dev/null \
     -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -D_GLIBCXX_USE_CXX11_ABI="$ABI" \
     --expt-relaxed-constexpr --expt-extended-lambda -Xcompiler -fPIC \
-    -Icpp/include -Icpp/src -isystem "$TORCH_INCLUDE" -isystem "$TORCH_INCLUDE/torch/csrc/api/include"
-  echo "  ok  $source ($((SECONDS - start)) s)"
-done
+    -Icpp/include -Icpp/src -isystem "$TORCH_INCLUDE" -isystem "$TORCH_INCLUDE/torch/csrc/api/include"; then
+    echo "  ok  $source ($((SECONDS - start)) s)"
+  else
+    echo "  FAILED  $source" >&2
+    return 1
+  fi
+}
+export -f check
+export NVCC ABI TORCH_INCLUDE
+# one nvcc per core (each takes ~1 GB); a failure fails the script once all have run
+printf '%s\0' "${sources[@]}" | xargs -0 -n 1 -P "$(nproc)" bash -c 'check "$1"' check

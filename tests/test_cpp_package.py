@@ -2,7 +2,6 @@
 `cmake --install`; a program built with the C++ API loads Python-saved weights and reproduces
 the Python output; one loaded model run by 8 threads at once."""
 
-import os
 import subprocess
 import sys
 import warnings
@@ -10,31 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.utils
 
 import matterhorn_pytorch as mth
-from conftest import RUN_MODEL
+from conftest import CPP_EXAMPLE, REPO, RUN_MODEL, build_example, build_folder, cmake
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "examples" / "cpp"
-sys.path.insert(0, str(EXAMPLE))
+sys.path.insert(0, str(CPP_EXAMPLE))
 from net import Net, export  # noqa: E402
-
-CMAKE = [str(Path(sys.executable).parent / "cmake")]  # the venv's CMake (>= 3.26)
-BUILD_ENV = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL="2")
-
-
-def cmake(*args, cwd=REPO):
-    result = subprocess.run([*CMAKE, *args], cwd=cwd, capture_output=True, text=True, env=BUILD_ENV, timeout=1800)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-
-
-def build_example(prefix_path: str, build_dir: Path) -> Path:
-    cmake("-S", str(EXAMPLE), "-B", str(build_dir), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-          f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{prefix_path}")
-    cmake("--build", str(build_dir))
-    return build_dir / "snn_inference"
-
 
 def run_example(program: Path, tmp_path: Path):
     expected = export(tmp_path / "data")
@@ -44,27 +24,27 @@ def run_example(program: Path, tmp_path: Path):
     torch.testing.assert_close(torch.load(tmp_path / "data" / "out.pt"), expected)
 
 
-def test_example_against_the_pip_installed_package(tmp_path):
+def test_example_against_the_pip_installed_package(snn_inference_program, tmp_path):
     assert (Path(mth.cmake_prefix_path) / "matterhorn" / "matterhornConfig.cmake").is_file()
-    run_example(build_example(mth.cmake_prefix_path, tmp_path / "build"), tmp_path)
+    run_example(snn_inference_program, tmp_path)
 
 
 def test_example_against_a_plain_cmake_install(tmp_path):
-    # A plain (non-Python) build of the library; kept under build/ so that reruns are incremental.
-    build_dir = REPO / "build" / "plain"
-    cmake("-S", str(REPO), "-B", str(build_dir), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-          f"-DPython_EXECUTABLE={sys.executable}", "-DMATTERHORN_BUILD_TOOLS=OFF",
-          "-DMATTERHORN_CPU_CAPABILITIES=DEFAULT")  # the package is under test, not the kernels: one build of them
-    cmake("--build", str(build_dir))
+    # A plain (non-Python) build of the library.
     prefix = tmp_path / "prefix"
-    cmake("--install", str(build_dir), "--prefix", str(prefix))
+    with build_folder("plain") as build_dir:
+        cmake("-S", REPO, "-B", build_dir, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+              f"-DPython_EXECUTABLE={sys.executable}", "-DMATTERHORN_BUILD_TOOLS=OFF",
+              "-DMATTERHORN_CPU_CAPABILITIES=DEFAULT")  # the package is under test, not the kernels: one build of them
+        cmake("--build", build_dir)
+        cmake("--install", build_dir, "--prefix", prefix)
     assert (prefix / "lib" / "cmake" / "matterhorn" / "matterhornConfig.cmake").is_file()
     assert not (prefix / "lib" / "cmake" / "matterhorn" / "_C").exists()
     run_example(build_example(str(prefix), tmp_path / "build"), tmp_path)
 
 
-def test_load_state_dict_rejects_a_mismatched_file(tmp_path):
-    program = build_example(mth.cmake_prefix_path, tmp_path / "build")
+def test_load_state_dict_rejects_a_mismatched_file(snn_inference_program, tmp_path):
+    program = snn_inference_program
     export(tmp_path / "data")
     state = torch.load(tmp_path / "data" / "weights.pt")
 

@@ -15,15 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.utils
 
-import matterhorn_pytorch as mth
-from conftest import RUN_MODEL
+from conftest import CPP_EXAMPLE, RUN_MODEL
 from test_serve import (assert_clean_error, conv_bn_linear, infer, parse_response, raw_exchange, read_until_closed,
                         request, rss_kib, save_script, start_server)
-
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "examples" / "cpp"
 
 
 def replace_record(path: Path, index: int, data: bytes):
@@ -123,21 +118,13 @@ def test_run_model_usage(doubling_model, tmp_path):
 # ---- matterhorn::load_state_dict, through examples/cpp/snn_inference ----
 
 @pytest.fixture(scope="module")
-def snn_inference(tmp_path_factory):
-    """The C++ example built against the installed package (kept under build/ for reruns)."""
-    build_dir = REPO / "build" / "hostile-example"
-    cmake = [str(Path(sys.executable).parent / "cmake")]
-    prefix = f"{torch.utils.cmake_prefix_path};{mth.cmake_prefix_path}"
-    for arguments in (["-S", EXAMPLE, "-B", build_dir, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-                       f"-DCMAKE_PREFIX_PATH={prefix}"], ["--build", build_dir]):
-        result = subprocess.run(cmake + [str(a) for a in arguments], capture_output=True, text=True, timeout=1200,
-                                env=dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL="2"))
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    sys.path.insert(0, str(EXAMPLE))
+def snn_inference(snn_inference_program, tmp_path_factory):
+    """The C++ example built against the installed package, its weights and its expected output."""
+    sys.path.insert(0, str(CPP_EXAMPLE))
     from net import export
     data = tmp_path_factory.mktemp("weights")
     expected = export(data)
-    return build_dir / "snn_inference", data, expected
+    return snn_inference_program, data, expected
 
 
 def load_weights(snn_inference, tmp_path, weights: dict, damage=None):
