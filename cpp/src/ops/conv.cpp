@@ -232,27 +232,15 @@ at::Tensor unfold_output(const at::Tensor& output, const FoldedConv& folded) {
 ConvSpec make_conv_spec(
     c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, c10::SymInt groups,
     std::string_view padding_mode) {
-  ConvSpec spec;
-  spec.stride = stride;
-  spec.padding = padding;
-  spec.dilation = dilation;
-  spec.groups = std::move(groups);
-  spec.padding_mode = padding_mode;
-  return spec;
+  return {.stride = stride, .padding = padding, .dilation = dilation, .groups = std::move(groups),
+          .padding_mode = padding_mode};
 }
 
 ConvSpec make_conv_transpose_spec(
     c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef output_padding, c10::SymInt groups,
     c10::SymIntArrayRef dilation, at::OptionalSymIntArrayRef output_size) {
-  ConvSpec spec;
-  spec.transposed = true;
-  spec.stride = stride;
-  spec.padding = padding;
-  spec.output_padding = output_padding;
-  spec.output_size = output_size;
-  spec.groups = std::move(groups);
-  spec.dilation = dilation;
-  return spec;
+  return {.transposed = true, .stride = stride, .padding = padding, .dilation = dilation,
+          .output_padding = output_padding, .output_size = output_size, .groups = std::move(groups)};
 }
 
 namespace {
