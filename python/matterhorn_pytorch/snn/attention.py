@@ -124,26 +124,24 @@ class MultiheadAttention(Module, nn.MultiheadAttention):
             raise ValueError("MultiheadAttention: is_causal says that attn_mask is the causal mask; give attn_mask too "
                              "(as torch.nn requires)")
         unbatched = query.dim() == 2
-        # time-first views: [T, B, ..., C]; the sequences are the batch and extra positions
-        q = query if unbatched or not self.batch_first else query.transpose(0, 1)
-        k = key if unbatched or not self.batch_first else key.transpose(0, 1)
-        v = value if unbatched or not self.batch_first else value.transpose(0, 1)
-        batch: List[int] = [] if unbatched else list(q.shape[1:-1])
+        time = 1 if self.batch_first and not unbatched else 0
+        batch: List[int] = list(query.shape[:-1])  # the sequences: the batch and extra positions
+        batch.pop(time)
         sequences = 1
         for size in batch:
             sequences *= size
-        source = k.shape[0]
-        # fold [T, B, ..., C] -> [T, B*N, C], keeping torch's identities (self-attention: one projection)
-        q_folded = q if unbatched else q.flatten(1, -2)
-        k_folded = q_folded if key is query else (k if unbatched else k.flatten(1, -2))
+        target, source = query.shape[time], key.shape[time]
+        # folded [T, B*N, C], keeping torch's identities (self-attention: one projection)
+        q_folded = self._fold(query, unbatched)
+        k_folded = q_folded if key is query else self._fold(key, unbatched)
         if value is key:
             v_folded = k_folded
         elif value is query:
             v_folded = q_folded
         else:
-            v_folded = v if unbatched else v.flatten(1, -2)
+            v_folded = self._fold(value, unbatched)
         padding = None if key_padding_mask is None else self._fold_padding(key_padding_mask, batch, source, unbatched)
-        mask = None if attn_mask is None else self._fold_attn_mask(attn_mask, batch, sequences, q.shape[0], source)
+        mask = None if attn_mask is None else self._fold_attn_mask(attn_mask, batch, sequences, target, source)
         use_separate = not self._qkv_same_embed_dim
         output, weights = F.multi_head_attention_forward(
             q_folded, k_folded, v_folded, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
@@ -154,12 +152,22 @@ class MultiheadAttention(Module, nn.MultiheadAttention):
         )
         if unbatched:
             return output, weights
-        output = output.unflatten(1, batch)
-        if self.batch_first:
-            output = output.transpose(0, 1)
+        if self.batch_first:  # [T, B*N, C] -> [B*N, T, C] -> [B, T, N, C], views
+            output = output.transpose(0, 1).unflatten(0, batch).movedim(-2, 1)
+        else:
+            output = output.unflatten(1, batch)
         if weights is not None:
             weights = weights.unflatten(0, batch)
         return output, weights
+
+    def _fold(self, x: torch.Tensor, unbatched: bool) -> torch.Tensor:
+        """``[T, B, ..., C]`` as ``[T, B*N, C]``; batch_first ``[B, T, ..., C]`` copied once to
+        ``[B*N, T, C]`` and viewed as ``[T, B*N, C]``, as torch.nn's batch_first input is."""
+        if unbatched:
+            return x
+        if self.batch_first:
+            return x.movedim(1, -2).flatten(0, -3).transpose(0, 1)
+        return x.flatten(1, -2)
 
     def _fold_padding(self, mask: torch.Tensor, batch: List[int], source: int, unbatched: bool) -> torch.Tensor:
         """``[B, ..., S]``, or ``[B, S]`` for every extra position, as torch.nn's ``[B*N, S]``."""
