@@ -3,7 +3,7 @@
 # runs the CUDA tests, runs the GPU benchmark, prints a short table last; about 5 minutes.
 # Uses the machine's python and torch (not .venv); installs into build/gpu_site (PYTHONPATH), not
 # into that python's environment, which may be read-only.
-# Full logs go to $OUT (the device tool's folder) or build/gpu_check. SANITIZE=1 adds
+# Full logs go to $OUT when it is set, else to build/gpu_check. SANITIZE=1 adds
 # compute-sanitizer's memcheck and racecheck over BatchNorm's kernels (a few minutes more).
 # MATTERHORN_CMAKE_ARGS: more pip -C options (e.g. a partial CUDA toolkit's hints, README "CUDA builds").
 set -euo pipefail

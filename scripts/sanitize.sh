@@ -62,7 +62,7 @@ EXAMPLE_CONFIGURE=(.venv/bin/cmake -S examples/cpp -B "$BUILD_DIR/example" -G Ni
                    "-DCMAKE_MAKE_PROGRAM=$ROOT/.venv/bin/ninja")
 EXAMPLE_BUILD=(.venv/bin/cmake --build "$BUILD_DIR/example" -j "$JOBS")
 
-# The test files run with the sanitized binaries (those that do not exist yet are skipped).
+# The test files run with the sanitized binaries (a listed file that does not exist is skipped).
 CPP_TESTS=(tests/test_torchscript.py tests/test_tools_hostile.py tests/test_serve.py)
 PY_TESTS=(tests/test_norm.py tests/test_layer_norm.py tests/test_linear.py tests/test_conv.py tests/test_step_modes.py
           tests/test_every_layer.py tests/test_cpp_modules.py tests/test_sync_batch_norm.py tests/test_reliability.py
