@@ -1,5 +1,6 @@
-"""Inputs that once crashed the process (SIGFPE, SIGSEGV) or gave a silently wrong answer. Each
-case checks torch.nn's answer or a clean error itself; tests/test_reliability.py runs them all in
+"""Inputs that crash the process (SIGFPE, SIGSEGV) or give a silently wrong answer where a check
+or an exact count is missing; each case's heading names what it guards against. Each case
+checks torch.nn's answer or a clean error itself; tests/test_reliability.py runs them all in
 one child process (`python reliability_cases.py`), which prints one JSON line per case, so that a
 crash fails the case it happened in instead of killing the test run."""
 
@@ -121,7 +122,7 @@ def batch_norm_blocks_on_zero_size():
     assert ops.batch_norm_backward_elemt(dy, x, zeros, ones, None, zeros, zeros, 1e-5, 0, 1).shape == x.shape
 
 
-# 5. grad_output unchecked against the input (reads past the buffer, wrong sums)
+# 5. grad_output of another shape than the input (unchecked: reads past the buffer, wrong sums)
 @case
 def batch_norm_backward_blocks_check_grad_output():
     ops, zeros, ones = torch.ops.matterhorn, torch.zeros(1, 3), torch.ones(1, 3)
@@ -166,7 +167,7 @@ def batch_norm_blocks_on_meta_tensors_give_shapes():
     raises(ValueError, "mean must hold", ops.batch_norm_elemt, x, mean[:, :2], var, None, None, 1e-5, 2)
 
 
-# 7. more than 2^24 values per channel (float32 counts stopped growing: statistics 10% off)
+# 7. more than 2^24 values per channel (a float32 count stops growing there: statistics 10% off)
 @case
 def batch_norm_statistics_above_two_to_the_24_values_per_channel():
     for layer, twin, shape in [(mth.snn.BatchNorm1d(1), nn.BatchNorm1d(1), (64, 131072, 1, 3)),

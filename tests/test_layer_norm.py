@@ -51,7 +51,7 @@ def test_layer_norm_equals_torch(shape, normalized_shape, affine, dtype):
             assert_within(a.grad, b.grad, 2 * sum_error(n) * terms)  # ours and torch's each
         else:
             torch.testing.assert_close(a.grad, b.grad)
-    ours.single_step_mode_()  # [B, ...] now: the same trailing-dimension normalization
+    ours.single_step_mode_()  # single-step [B, ...]: the same trailing-dimension normalization
     torch.testing.assert_close(ours(x.detach()), y_ref.detach())
 
 

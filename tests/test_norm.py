@@ -22,7 +22,7 @@ OPTIONS = {
     "default": dict(),
     "momentum=None": dict(momentum=None),
     "affine=False": dict(affine=False),
-    # BatchNorm's constructor is torch.nn's: bias=False where torch has it (2.13; not the GPU machines' 2.11)
+    # BatchNorm's constructor is torch.nn's: bias=False where torch has it (2.13 does, 2.11 does not)
     **({"bias=False": dict(bias=False)} if "bias" in inspect.signature(nn.BatchNorm1d).parameters else {}),
     "no running stats": dict(track_running_stats=False),
     "eps,momentum": dict(eps=1e-3, momentum=0.3),

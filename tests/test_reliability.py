@@ -1,4 +1,4 @@
-"""Regression tests of inputs that once crashed the process or gave wrong answers
+"""Inputs that crash the process or give wrong answers where a check is missing
 (tests/reliability_cases.py). The cases run in one child process; a signal there fails the case
 that was running and every case after it, and the test run goes on."""
 

@@ -250,7 +250,7 @@ def test_model_failures_become_json_errors_without_internals(tmp_path):
 
 
 def test_zero_size_input_through_batchnorm_first(tmp_path):
-    """X-Shape 1,1,2,0,8 with an empty body once killed the server (BatchNorm on zero values)."""
+    """X-Shape 1,1,2,0,8 with an empty body: BatchNorm on zero values must not end the server."""
     save_script(BatchNormFirst(), tmp_path / "bn.pt")
     with start_server(tmp_path / "bn.pt") as (_, port):
         for shape in [(1, 1, 2, 0, 8), (0, 1, 2, 4, 4), (1, 0, 2, 4, 4)]:
