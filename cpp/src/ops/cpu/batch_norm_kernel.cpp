@@ -50,8 +50,8 @@ constexpr int64_t kElementsPerTask = 32768;  // element-wise kernels: smallest p
 constexpr int64_t kChannelBlock = 32;        // channels_last reductions: channels whose sums stay in registers
 
 // channels_last reductions walk rows of C values. Per block of channels, the per-channel sums are
-// local arrays the compiler keeps in registers: accumulating into memory across a whole row made
-// every element a load and a store more (backward reduction 2x slower than NCHW, measured). Calls
+// local arrays the compiler keeps in registers: accumulating into memory across a whole row would
+// cost every element a load and a store more than the NCHW walk does. Calls
 // f(c0, count, T{}) for the blocks: whole blocks as `count` (compile-time) vectors, T = Vec<acc_t>;
 // the last, shorter block value by value, T = acc_t.
 template <typename acc_t, typename F>
