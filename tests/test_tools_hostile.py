@@ -1,8 +1,8 @@
 """Hostile input to the C++ programs. Files: damaged torch.save records for matterhorn_run_model
 (the input loader) and matterhorn::load_state_dict (through examples/cpp/snn_inference), and
 outputs that cannot be written. Clients: chunked and compressed bodies past the limit, slow and
-idle connections, header floods, broken HTTP, too many connections. Every case that once crashed
-runs in a child process, so a crash fails the test."""
+idle connections, header floods, broken HTTP, too many connections. Each case that could crash the
+program runs in a child process, so a crash fails the test."""
 
 import os
 import socket
