@@ -639,7 +639,8 @@ def _steps(layer: str, T: int) -> int:
 
 class _TemporalBatchNorm(_BatchNorm):
     """The temporal normalizations (SpikingJelly's layers, not in matterhorn 2.0.0): multi-step
-    layers on BatchNorm's core, SpikingJelly's positional order. ``[T, B, C, ...]`` (``[B, T, C, ...]`` with batch_first)."""
+    layers on BatchNorm's core, SpikingJelly's positional order. ``[T, B, C, ...]`` (``[B, T, C, ...]``
+    with batch_first)."""
 
     def _init_temporal(self, num_features: int, eps: float, momentum: Optional[float], affine: bool,
                        track_running_stats: bool, device, dtype, batch_first: bool, sync: bool,
