@@ -8,13 +8,13 @@
 #include <array>
 #include <cmath>
 #include <type_traits>
-#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
 #include "ops/cpu/dispatch.h"
@@ -143,15 +143,21 @@ constexpr int kRows = 4;
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* mean, const acc_t* rstd, const acc_t* w,
                      scalar_t* dx, acc_t* dw, acc_t* db, int64_t N, int64_t D) {
-  // one task per thread (at most), each with its own [2, D] partial sums of dw and db
+  // One task per thread (at most), each with its own partial sums of dw and db: two rows of a tensor
+  // (64-byte aligned by torch's allocator) padded to whole cache lines, so that no vector load or
+  // store of them, made once per block of rows, splits a cache line.
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / rows_per_task(D)));
-  std::vector<acc_t> partial(w != nullptr ? tasks * 2 * D : 0, acc_t(0));
+  constexpr int64_t kLine = 64 / sizeof(acc_t);
+  const int64_t stride = (D + kLine - 1) / kLine * kLine;
+  const at::Tensor partial_sums = at::zeros(
+      {w != nullptr ? tasks * 2 : 0, stride}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* partial = partial_sums.mutable_data_ptr<acc_t>();
   with_affine(w != nullptr, false, [&](auto has_weight, auto) {
     constexpr bool kWeight = decltype(has_weight)::value;
     at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
       for (int64_t task = task_begin; task < task_end; ++task) {
-        acc_t* dw_sum = kWeight ? partial.data() + task * 2 * D : nullptr;
-        acc_t* db_sum = kWeight ? dw_sum + D : nullptr;
+        acc_t* dw_sum = kWeight ? partial + task * 2 * stride : nullptr;
+        acc_t* db_sum = kWeight ? dw_sum + stride : nullptr;
         const int64_t end = N * (task + 1) / tasks;
         int64_t n = N * task / tasks;
         for (; n + kRows <= end; n += kRows) {
@@ -168,8 +174,8 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, const acc_t* mean, c
     for (int64_t i = begin; i < end; ++i) {
       acc_t dw_i = 0, db_i = 0;
       for (int64_t task = 0; task < tasks; ++task) {
-        dw_i += partial[task * 2 * D + i];
-        db_i += partial[task * 2 * D + D + i];
+        dw_i += partial[task * 2 * stride + i];
+        db_i += partial[task * 2 * stride + stride + i];
       }
       dw[i] = dw_i;
       db[i] = db_i;
