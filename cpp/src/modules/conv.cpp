@@ -6,9 +6,8 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
-#include "matterhorn/ops/conv.h"
-#include "matterhorn/ops/spike.h"
 #include "modules/init.h"
+#include "modules/synapse_call.h"
 
 namespace matterhorn::snn {
 namespace {
@@ -46,18 +45,6 @@ void create_parameters(
   detail::init_like_torch_nn(weight, bias);
 }
 
-std::optional<at::Tensor> optional_bias(const at::Tensor& bias) {
-  return bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-}
-
-// "zeros" from torch::kZeros, as the op's padding_mode argument spells it.
-std::string padding_mode_name(const torch::nn::detail::conv_padding_mode_t& mode) {
-  std::string name = torch::enumtype::get_enum_name(mode);  // "kZeros"
-  name.erase(0, 1);
-  name[0] = static_cast<char>(std::tolower(name[0]));
-  return name;
-}
-
 }  // namespace
 
 template <size_t D>
@@ -86,34 +73,14 @@ void ConvImpl<D>::reset() {
 
 template <size_t D>
 void ConvImpl<D>::pretty_print(std::ostream& stream) const {
-  stream << "matterhorn::snn::Conv" << D << "d(" << options.in_channels() << ", "
-         << options.out_channels() << ", kernel_size=" << options.kernel_size()
-         << ", stride=" << options.stride() << ", padding=";
-  if (const auto* sizes = std::get_if<torch::ExpandingArray<D>>(&options.padding())) {
-    stream << *sizes;
-  } else {
-    stream << (std::holds_alternative<torch::enumtype::kSame>(options.padding()) ? "same" : "valid");
-  }
-  stream << ", dilation=" << options.dilation() << ", groups=" << options.groups()
-         << ", bias=" << std::boolalpha << options.bias()
-         << ", padding_mode=" << padding_mode_name(options.padding_mode())
-         << (options.spike_input() ? ", spike_input=true" : "") << ")";
+  stream << "matterhorn::snn::Conv" << D << "d(";
+  detail::print_conv_arguments<D>(stream, options);
+  stream << (options.spike_input() ? ", spike_input=true" : "") << ")";
 }
 
 template <size_t D>
 at::Tensor ConvImpl<D>::forward(const at::Tensor& input) {
-  std::vector<int64_t> padding;
-  if (const auto* sizes = std::get_if<torch::ExpandingArray<D>>(&options.padding())) {
-    padding.assign((*sizes)->begin(), (*sizes)->end());
-  } else if (std::holds_alternative<torch::enumtype::kSame>(options.padding())) {
-    padding = ops::same_padding(*options.kernel_size(), *options.dilation());
-  } else {
-    padding.assign(D, 0);  // 'valid'
-  }
-  const auto conv = options.spike_input() ? &ops::spike_conv : &ops::conv;
-  return conv(
-      input, weight, optional_bias(bias), *options.stride(), padding, *options.dilation(),
-      options.groups(), padding_mode_name(options.padding_mode()));
+  return detail::conv_call<D>(options, input, weight, bias);
 }
 
 template <size_t D>
@@ -149,7 +116,7 @@ template <size_t D>
 at::Tensor ConvTransposeImpl<D>::forward(const at::Tensor& input, at::OptionalIntArrayRef output_size) {
   const auto conv_transpose = options.spike_input() ? &ops::spike_conv_transpose : &ops::conv_transpose;
   return conv_transpose(
-      input, weight, optional_bias(bias), *options.stride(), *options.padding(),
+      input, weight, detail::optional_bias(bias), *options.stride(), *options.padding(),
       *options.output_padding(), options.groups(), *options.dilation(), output_size);
 }
 

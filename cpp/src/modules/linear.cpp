@@ -2,9 +2,8 @@
 
 #include <ATen/ops/empty.h>
 
-#include "matterhorn/ops/linear.h"
-#include "matterhorn/ops/spike.h"
 #include "modules/init.h"
+#include "modules/synapse_call.h"
 
 namespace matterhorn::snn {
 
@@ -35,8 +34,7 @@ void LinearImpl::pretty_print(std::ostream& stream) const {
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& input) {
-  const auto linear = options.spike_input() ? &ops::spike_linear : &ops::linear;
-  return linear(input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+  return detail::linear_call(options, input, weight, bias);
 }
 
 }  // namespace matterhorn::snn

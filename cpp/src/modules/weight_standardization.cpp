@@ -1,16 +1,13 @@
 #include "matterhorn/snn/weight_standardization.h"
 
-#include <cctype>
 #include <utility>
 
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
-#include "matterhorn/ops/conv.h"
-#include "matterhorn/ops/linear.h"
-#include "matterhorn/ops/spike.h"
 #include "matterhorn/ops/weight_standardize.h"
+#include "modules/synapse_call.h"
 
 namespace matterhorn::snn {
 namespace {
@@ -47,10 +44,6 @@ void create_parameters(
   beta = module.register_parameter("beta", at::zeros({out}), /*requires_grad=*/false);
 }
 
-std::optional<at::Tensor> optional_bias(const at::Tensor& bias) {
-  return bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-}
-
 }  // namespace
 
 WSLinearImpl::WSLinearImpl(WSLinearOptions options_) : options(std::move(options_)) { WSLinearImpl::reset(); }
@@ -73,9 +66,8 @@ at::Tensor WSLinearImpl::standardized_weight() const {
 }
 
 at::Tensor WSLinearImpl::forward(const at::Tensor& input) {
-  const auto linear = options.spike_input() ? &ops::spike_linear : &ops::linear;
   const at::Tensor w = standardized_weight();
-  return in_layer_name([&] { return linear(input, w, optional_bias(bias)); });
+  return in_layer_name([&] { return detail::linear_call(options.linear(), input, w, bias); });
 }
 
 template <size_t D>
@@ -88,31 +80,14 @@ void WSConvImpl<D>::reset() {
   const auto twin = in_layer_name([&] { return ConvImpl<D>(options.conv()); });
   create_parameters(*this, c10::str("WSConv", D, "d"), twin, options.bias(), options.affine(), options.eps(), weight,
                     bias, gamma, beta);
-  // the op's explicit padding, and its name for the padding mode ("zeros" from torch::kZeros)
-  if (const auto* sizes = std::get_if<torch::ExpandingArray<D>>(&options.padding())) {
-    padding_.assign((*sizes)->begin(), (*sizes)->end());
-  } else if (std::holds_alternative<torch::enumtype::kSame>(options.padding())) {
-    padding_ = ops::same_padding(*options.kernel_size(), *options.dilation());
-  } else {
-    padding_.assign(D, 0);  // 'valid'
-  }
-  padding_mode_ = torch::enumtype::get_enum_name(options.padding_mode());
-  padding_mode_.erase(0, 1);
-  padding_mode_[0] = static_cast<char>(std::tolower(padding_mode_[0]));
 }
 
 template <size_t D>
 void WSConvImpl<D>::pretty_print(std::ostream& stream) const {
-  stream << "matterhorn::snn::WSConv" << D << "d(" << options.in_channels() << ", " << options.out_channels()
-         << ", kernel_size=" << options.kernel_size() << ", stride=" << options.stride() << ", padding=";
-  if (const auto* sizes = std::get_if<torch::ExpandingArray<D>>(&options.padding())) {
-    stream << *sizes;
-  } else {
-    stream << (std::holds_alternative<torch::enumtype::kSame>(options.padding()) ? "same" : "valid");
-  }
-  stream << ", dilation=" << options.dilation() << ", groups=" << options.groups() << ", bias=" << std::boolalpha
-         << options.bias() << ", padding_mode=" << padding_mode_ << ", affine=" << options.affine()
-         << ", eps=" << options.eps() << (options.spike_input() ? ", spike_input=true" : "") << ")";
+  stream << "matterhorn::snn::WSConv" << D << "d(";
+  detail::print_conv_arguments<D>(stream, options.conv());
+  stream << ", affine=" << options.affine() << ", eps=" << options.eps()
+         << (options.spike_input() ? ", spike_input=true" : "") << ")";
 }
 
 template <size_t D>
@@ -122,12 +97,8 @@ at::Tensor WSConvImpl<D>::standardized_weight() const {
 
 template <size_t D>
 at::Tensor WSConvImpl<D>::forward(const at::Tensor& input) {
-  const auto conv = options.spike_input() ? &ops::spike_conv : &ops::conv;
   const at::Tensor w = standardized_weight();
-  return in_layer_name([&] {
-    return conv(input, w, optional_bias(bias), *options.stride(), padding_, *options.dilation(), options.groups(),
-                padding_mode_);
-  });
+  return in_layer_name([&] { return detail::conv_call<D>(options.conv(), input, w, bias); });
 }
 
 template class WSConvImpl<1>;

@@ -118,10 +118,6 @@ class C10_EXPORT WSConvImpl : public torch::nn::Cloneable<WSConvImpl<D>> {
   at::Tensor bias;    // [C_out], undefined without bias
   at::Tensor gamma;   // [C_out]
   at::Tensor beta;    // [C_out]
-
- private:
-  std::vector<int64_t> padding_;  // per spatial dimension, or (before, after) pairs for 'same'
-  std::string padding_mode_;      // "zeros", "reflect", ...
 };
 
 using WSConv1dOptions = WSConvOptions<1>;
