@@ -1928,6 +1928,174 @@ def test_spike_input_layers(data):
         ws_layer_case(data, name, spike_input=True)
 
 
+# ---- MultiheadAttention ------------------------------------------------------------------------------
+
+def mha_inputs(data, layer, T, S, batch, unbatched, dtype, device, seed):
+    """query, key, value in the layer's terms (self-attention: the query three times where the
+    sizes allow), each possibly hostile: another rank, width, batch or S. Returns them and the
+    problems (what the API must refuse)."""
+    problems = []
+
+    def sequence(steps, features, k):
+        shape = [steps, features] if unbatched else \
+            [batch[0], steps, *batch[1:], features] if layer.batch_first else [steps, *batch, features]
+        hostile = data.draw(st.sampled_from(["none"] * 12 + ["rank", "width", "batch", "steps"]), label=f"hostile {k}")
+        if hostile == "rank":
+            shape = shape[1:] if data.draw(st.booleans(), label="drop a dimension?") or len(shape) > 3 else [1] + shape
+        elif hostile == "width":
+            shape[-1] += 1
+        elif hostile == "batch" and not unbatched and k:  # a key or value unlike the query
+            shape[0 if layer.batch_first else 1] += 1
+        elif hostile == "steps" and k == 2:  # a value unlike the key
+            shape[1 if layer.batch_first and not unbatched else 0] += 1
+        return make_tensor(shape, dtype, data.draw(st.sampled_from(LAYOUTS), label=f"layout {k}"), device, seed + k)
+
+    query = sequence(T, layer.embed_dim, 0)
+    self_attention = layer.kdim == layer.vdim == layer.embed_dim and data.draw(st.booleans(), label="self-attention")
+    key, value = (query, query) if self_attention else (sequence(S, layer.kdim, 1), sequence(S, layer.vdim, 2))
+    time = 1 if layer.batch_first and query.dim() > 2 else 0
+    for name, x, features in (("query", query, layer.embed_dim), ("key", key, layer.kdim), ("value", value, layer.vdim)):
+        if x.dim() < 2 or x.shape[-1] != features:
+            problems.append(f"the {name}'s rank or width")
+        elif name != "query" and x.dim() != query.dim():
+            problems.append(f"the {name}'s rank unlike the query's")
+        elif name != "query" and x.dim() > 2 and (x.shape[:time] + x.shape[time + 1:-1]
+                                                  != query.shape[:time] + query.shape[time + 1:-1]):
+            problems.append(f"the {name}'s batch unlike the query's")
+    if key.shape[:-1] != value.shape[:-1]:
+        problems.append("key and value of other sizes")
+    return query, key, value, problems
+
+
+def mha_mask(data, label, shapes, bad_shape, device, float_dtype):
+    """None, or a mask of one of `shapes` (else bad_shape), bool or float (one draw in ten an
+    integer dtype, or another device). Returns the mask and its problem (or None)."""
+    kind = data.draw(st.sampled_from(["none"] * 3 + list(range(len(shapes))) * 2 + ["shape"]), label=f"{label} shape")
+    if kind == "none":
+        return None, None
+    shape = bad_shape if kind == "shape" else shapes[kind]
+    # a float mask in the query's dtype: torch.nn raises its own RuntimeError for another one
+    dtype = data.draw(st.sampled_from([torch.bool] * 5 + [float_dtype] * 4 + [torch.int64]), label=f"{label} dtype")
+    where = data.draw(st.sampled_from([device] * 9 + ["meta" if device == "cpu" else "cpu"]), label=f"{label} device")
+    g = torch.Generator().manual_seed(len(shape))
+    mask = torch.rand(shape, generator=g) < 0.3  # a few positions masked (a whole row now and then)
+    mask = mask if dtype == torch.bool else mask.to(dtype) * -1e4 if dtype.is_floating_point else mask.to(dtype)
+    problem = "the mask's dtype" if dtype == torch.int64 else "the mask's device" if where != device else \
+        "the mask's shape" if kind == "shape" else None
+    return mask.to(where), problem
+
+
+@case
+@given(data=st.data())
+def test_multihead_attention_layer(data):
+    """MultiheadAttention (multi-step only, [T, B, ..., C] or [B, T, ..., C]) on drawn sizes (zero
+    ones included), kdim/vdim, biases, masks and hostile inputs: a ValueError or TypeError naming
+    the layer, or nn.MultiheadAttention on the folded [T, B*N, C] ([B*N, T, C] batch_first) with
+    the same parameters: the same outputs, weights and input gradients (the same ATen calls on
+    the same values)."""
+    heads = data.draw(st.sampled_from([2, 1, 3]), label="heads")
+    embed = heads * data.draw(st.sampled_from([2, 1]), label="head dim")
+    kdim, vdim = (data.draw(st.sampled_from([None, None, 1, 3]), label=label) for label in ("kdim", "vdim"))
+    kwargs = dict(bias=data.draw(st.booleans(), label="bias"), add_bias_kv=data.draw(st.booleans(), label="add_bias_kv"),
+                  add_zero_attn=data.draw(st.booleans(), label="add_zero_attn"), kdim=kdim, vdim=vdim,
+                  batch_first=data.draw(st.booleans(), label="batch_first"))
+    layer_dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="layer dtype")
+    dtype = data.draw(st.sampled_from([layer_dtype] * 8 + [torch.float16, torch.float32, torch.float64, torch.int64]),
+                      label="input dtype")
+    device = data.draw(st.sampled_from(["cpu"] * 8 + ["meta", "meta-input"]), label="device")
+    # rare choices last in sampled_from: Hypothesis favours the first element (and small integers)
+    single_step = data.draw(st.sampled_from([False] * 14 + [True]), label="single-step?")
+    seed = data.draw(seeds, label="seed")
+    ours = mth.snn.MultiheadAttention(embed, heads, **kwargs, dtype=layer_dtype, multi_time_step=not single_step)
+    randomize_parameters(ours, seed)
+    ref = nn.MultiheadAttention(embed, heads, **kwargs, dtype=layer_dtype)
+    ref.load_state_dict(ours.state_dict())
+    ours, ref = place(ours, device), place(ref, device)
+    unbatched = data.draw(st.sampled_from([False] * 9 + [True]), label="unbatched?")
+    size = st.sampled_from([2, 1, 3, 0])  # zero sizes included
+    batch = [] if unbatched else [data.draw(size, label="B")] + [
+        data.draw(size, label="N") for _ in range(data.draw(st.sampled_from([1, 0, 2]), label="extra dims"))]
+    T, S = data.draw(size, label="T"), data.draw(size, label="S")
+    query, key, value, problems = mha_inputs(data, ours, T, S, batch, unbatched, dtype, input_device(device), seed)
+    S = T if key is query else S  # self-attention
+    sequences = math.prod(batch)
+    padding, padding_problem = mha_mask(data, "key_padding_mask", [[S]] if unbatched else [batch + [S], batch[:1] + [S]],
+                                        [S + 1] if unbatched else batch + [S + 1], input_device(device), layer_dtype)
+    attn, attn_problem = mha_mask(data, "attn_mask", [[T, S], [sequences * heads, T, S]] + ([] if unbatched else
+                                  [batch + [heads, T, S]]), [T + 1, S], input_device(device), layer_dtype)
+    need_weights = data.draw(st.booleans(), label="need_weights")
+    average = data.draw(st.booleans(), label="average_attn_weights")
+    is_causal = data.draw(st.sampled_from([False] * 9 + [True]), label="is_causal?")
+    problems += [p for p in (padding_problem, attn_problem) if p]
+    if single_step:
+        problems.append("single-step mode")
+    if dtype != layer_dtype:
+        problems.append(f"an input of dtype {dtype} to a {layer_dtype} layer")
+    if device == "meta-input":
+        problems.append("a meta input to a CPU layer")
+    if is_causal and attn is None:
+        problems.append("is_causal without attn_mask")
+    requires_grad = device == "cpu" and dtype == layer_dtype
+    for x in {id(t): t for t in (query, key, value)}.values():
+        x.requires_grad_(requires_grad)
+    keywords = dict(key_padding_mask=padding, need_weights=need_weights, attn_mask=attn,
+                    average_attn_weights=average, is_causal=is_causal)
+    record(f"{ours!r} {kwargs}, device {device}\n  query {describe(query)}, key {describe(key)}, value "
+           f"{describe(value)}, key_padding_mask {describe(padding)}, attn_mask {describe(attn)}, need_weights "
+           f"{need_weights}, average {average}, is_causal {is_causal}; problems {problems}")
+    result = outcome(lambda: ours(query, key, value, **keywords))
+    if problems:
+        check_clean_error(result, "MultiheadAttention", types=(ValueError, TypeError))
+        return
+
+    def fold(x):  # [T, B, ..., C] -> [T, B*N, C]; batch_first [B, T, ..., C] -> [B*N, T, C]
+        if unbatched:
+            return x
+        return x.movedim(1, -2).flatten(0, -3) if ours.batch_first else x.flatten(1, -2)
+
+    def unfold(y):
+        if unbatched:
+            return y
+        return y.unflatten(0, batch).movedim(-2, 1) if ours.batch_first else y.unflatten(1, batch)
+
+    folded = {}
+    for x in (query, key, value):  # the same tensor folded once: torch.nn's self-attention path
+        folded.setdefault(id(x), fold(x))
+    ref_padding = padding
+    if padding is not None and not unbatched:  # [B, ..., S], or [B, S] for every extra position
+        if list(padding.shape) != batch + [S]:
+            padding = padding.reshape(batch[:1] + [1] * (len(batch) - 1) + [S]).expand(batch + [S])
+        ref_padding = padding.flatten(0, -2)
+    ref_attn = attn if attn is None or attn.dim() == 2 else attn.reshape(sequences * heads, T, S)
+    expected = outcome(lambda: ref(folded[id(query)], folded[id(key)], folded[id(value)],
+                                   **dict(keywords, key_padding_mask=ref_padding, attn_mask=ref_attn)))
+    if isinstance(expected, Raised):  # torch.nn's own error on the folded tensor, passed through unnamed
+        check_clean_error(result, types=ALLOWED)
+        return
+    assert not isinstance(result, Raised), f"torch.nn returns {describe(expected[0])}, MultiheadAttention {result!r}"
+    (y, w), (y_ref, w_ref) = result, expected
+    y_ref = unfold(y_ref)
+    w_ref = w_ref if w_ref is None or unbatched else w_ref.unflatten(0, batch)
+    assert (w is None) == (w_ref is None), f"weights {describe(w)}, torch.nn {describe(w_ref)}"
+    for what, a, e in (("output", y, y_ref), ("weights", w, w_ref)):
+        if e is None:
+            continue
+        assert a.shape == e.shape and a.dtype == e.dtype and a.device == e.device, \
+            f"{what}: {describe(a)}, torch.nn {describe(e)}"
+        if device == "cpu":
+            torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    if not requires_grad or not y.numel():
+        return
+    dy = grad_output_like(y, seed)
+    leaves = list({id(t): t for t in (query, key, value)}.values())
+    got = torch.autograd.grad(y, leaves, dy, allow_unused=True)
+    want = torch.autograd.grad(y_ref, leaves, dy, allow_unused=True)
+    for k, (a, e) in enumerate(zip(got, want)):
+        assert (a is None) == (e is None), f"gradient {k}: {describe(a)}, torch.nn {describe(e)}"
+        if a is not None:
+            torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"gradient {k}: {m}")
+
+
 # Every public op has a case above (checked by tests/test_fuzz.py against the registered ops).
 FUZZED_OPS = {
     "linear": test_linear_op, "conv": test_conv_ops, "conv_transpose": test_conv_ops,
@@ -1948,4 +2116,5 @@ FUZZED_LAYERS = {
     **{n: test_batch_norm_layers for n in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")},
     "LayerNorm": test_layer_norm_layer, **{n: test_weight_standardized_layers for n in WS_LAYERS},
     **{n: test_temporal_norm_layers for n in TEMPORAL_NORMS},
+    "MultiheadAttention": test_multihead_attention_layer,
 }
