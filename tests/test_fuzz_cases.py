@@ -846,8 +846,10 @@ def conv_op_case(data, spike=False, valid=False, kind=None):
 
 # ---- BatchNorm building blocks ------------------------------------------------------------------
 
-def stats_shape_variants(data, G, C, label):
-    """[G, C] mostly; sometimes transposed (same numel), one short or one long."""
+def stats_shape_variants(data, G, C, label, valid=False):
+    """[G, C] mostly; sometimes transposed (same numel), one short or one long (valid: [G, C])."""
+    if valid:
+        return [G, C]
     return data.draw(st.sampled_from([[G, C]] * 8 + [[C, G], [G, C + 1], [G, max(C - 1, 0)]]), label=label)
 
 
@@ -858,15 +860,17 @@ def bn_reference(x64, G):
     return xg, mean, var
 
 
-def draw_block_input(data, seed):
-    """A folded [N, C, *S] input with N = G * M (or a groups value that does not divide N)."""
-    dtype = data.draw(st.sampled_from(FLOATS + [torch.int64]), label="dtype")
+def draw_block_input(data, seed, valid=False):
+    """A folded [N, C, *S] input with N = G * M (or a groups value that does not divide N).
+    valid: a floating, non-empty input that groups divides."""
+    dtype = data.draw(st.sampled_from(FLOATS + ([] if valid else [torch.int64])), label="dtype")
     G = data.draw(st.sampled_from([1, 1, 2, 3]), label="groups")
-    M, C = data.draw(st.integers(0, 3), label="M"), data.draw(st.integers(0, 4), label="C")
-    S = [data.draw(st.integers(0, 4)) for _ in range(data.draw(st.integers(0, 3), label="spatial rank"))]
-    N = G * M + (1 if data.draw(st.integers(0, 9)) == 0 else 0)
-    groups = data.draw(st.sampled_from([G] * 8 + [0, -1]), label="groups argument")
-    if data.draw(st.integers(0, 19)) == 0:
+    low = 1 if valid else 0
+    M, C = data.draw(st.integers(low, 3), label="M"), data.draw(st.integers(low, 4), label="C")
+    S = [data.draw(st.integers(low, 4)) for _ in range(data.draw(st.integers(0, 3), label="spatial rank"))]
+    N = G * M + (1 if not valid and data.draw(st.integers(0, 9)) == 0 else 0)
+    groups = G if valid else data.draw(st.sampled_from([G] * 8 + [0, -1]), label="groups argument")
+    if not valid and data.draw(st.integers(0, 19)) == 0:
         shape = [N]  # rank 1
     else:
         shape = [N, C] + S
@@ -879,9 +883,9 @@ def block_input_valid(x, G, groups):
     return x.dim() >= 2 and groups >= 1 and x.shape[0] % groups == 0 and x.dtype.is_floating_point
 
 
-def maybe_meta(data, t, label):
+def maybe_meta(data, t, label, valid=False):
     """A tensor moved to meta one draw in twelve (beside cpu tensors: must be an error)."""
-    if t is not None and data.draw(st.integers(0, 11), label=f"{label} on meta") == 0:
+    if t is not None and not valid and data.draw(st.integers(0, 11), label=f"{label} on meta") == 0:
         return t.to("meta")
     return t
 
@@ -946,14 +950,15 @@ def elemt_reference(x64, mean, var, w, b, eps, G):
     return y.reshape(x64.shape)
 
 
-def draw_stats(data, G, C, dtype, seed, label, positive=False):
-    shape = stats_shape_variants(data, G, C, label)
+def draw_stats(data, G, C, dtype, seed, label, positive=False, valid=False):
+    shape = stats_shape_variants(data, G, C, label, valid)
     t = make_tensor(shape, acc_dtype(dtype) if dtype.is_floating_point else torch.float32, "contiguous", "cpu", seed)
     return t.abs() + 0.1 if positive else t
 
 
-def draw_param(data, C, dtype, seed, label):
-    choice = data.draw(st.sampled_from(["none", "ok", "ok", "ok", "long", "short"]), label=label)
+def draw_param(data, C, dtype, seed, label, valid=False):
+    choice = data.draw(st.sampled_from(["ok", "none"] if valid else ["none", "ok", "ok", "ok", "long", "short"]),
+                       label=label)
     if choice == "none":
         return None
     size = C + (1 if choice == "long" else -1 if choice == "short" and C > 0 else 0)
@@ -964,13 +969,24 @@ def draw_param(data, C, dtype, seed, label):
 @case
 @given(data=st.data())
 def test_batch_norm_elemt_op(data):
+    batch_norm_elemt_case(data)
+
+
+@case
+@given(data=st.data())
+def test_batch_norm_elemt_op_valid(data):
+    """test_batch_norm_elemt_op on valid, non-empty arguments only: its draws are mostly errors."""
+    batch_norm_elemt_case(data, valid=True)
+
+
+def batch_norm_elemt_case(data, valid=False):
     seed = data.draw(seeds)
-    x, G, C, groups, dtype = draw_block_input(data, seed)
-    mean = draw_stats(data, G, C, dtype, seed + 1, "mean shape")
-    var = draw_stats(data, G, C, dtype, seed + 2, "var shape", positive=True)
-    w, b = draw_param(data, C, dtype, seed + 3, "weight"), draw_param(data, C, dtype, seed + 4, "bias")
-    eps = data.draw(st.sampled_from([1e-5, 1e-5, 0.0, 0.5, -1e-3, -10.0]), label="eps")
-    x, mean, var, w = (maybe_meta(data, t, l) for t, l in [(x, "x"), (mean, "mean"), (var, "var"), (w, "w")])
+    x, G, C, groups, dtype = draw_block_input(data, seed, valid)
+    mean = draw_stats(data, G, C, dtype, seed + 1, "mean shape", valid=valid)
+    var = draw_stats(data, G, C, dtype, seed + 2, "var shape", positive=True, valid=valid)
+    w, b = draw_param(data, C, dtype, seed + 3, "weight", valid), draw_param(data, C, dtype, seed + 4, "bias", valid)
+    eps = data.draw(st.sampled_from([1e-5, 0.0, 0.5] if valid else [1e-5, 1e-5, 0.0, 0.5, -1e-3, -10.0]), label="eps")
+    x, mean, var, w = (maybe_meta(data, t, l, valid) for t, l in [(x, "x"), (mean, "mean"), (var, "var"), (w, "w")])
     record(f"torch.ops.matterhorn.batch_norm_elemt({describe(x)}, {describe(mean)}, {describe(var)}, {describe(w)}, "
            f"{describe(b)}, eps={eps}, groups={groups})")
     result = outcome(lambda: ops.batch_norm_elemt(x, mean, var, w, b, eps, groups))
@@ -1150,14 +1166,27 @@ def test_batch_norm_update_stats_op(data):
 @case
 @given(data=st.data())
 def test_batch_norm_normalize_op(data):
+    batch_norm_normalize_case(data)
+
+
+@case
+@given(data=st.data())
+def test_batch_norm_normalize_op_valid(data):
+    """test_batch_norm_normalize_op on valid, non-empty arguments only: its draws are mostly errors."""
+    batch_norm_normalize_case(data, valid=True)
+
+
+def batch_norm_normalize_case(data, valid=False):
     seed = data.draw(seeds)
-    x, G, C, groups, dtype = draw_block_input(data, seed)
-    w, b = draw_param(data, C, dtype, seed + 1, "weight"), draw_param(data, C, dtype, seed + 2, "bias")
+    x, G, C, groups, dtype = draw_block_input(data, seed, valid)
+    w, b = draw_param(data, C, dtype, seed + 1, "weight", valid), draw_param(data, C, dtype, seed + 2, "bias", valid)
     batch_statistics = data.draw(st.booleans(), label="batch_statistics")
-    running = [draw_param(data, C, dtype, seed + 3 + k, f"running {k}") for k in range(2)]
+    running = [draw_param(data, C, dtype, seed + 3 + k, f"running {k}", valid) for k in range(2)]
     running[1] = None if running[1] is None else running[1].abs() + 0.1
-    eps = data.draw(st.sampled_from([1e-5, 1e-5, 0.5, 0.0, -1e-3]), label="eps")
-    x = maybe_meta(data, x, "x")
+    if valid and None in running:  # running statistics are needed without batch statistics
+        batch_statistics = True
+    eps = data.draw(st.sampled_from([1e-5, 0.5, 0.0] if valid else [1e-5, 1e-5, 0.5, 0.0, -1e-3]), label="eps")
+    x = maybe_meta(data, x, "x", valid)
     record(f"torch.ops.matterhorn.batch_norm_normalize({describe(x)}, {describe(w)}, {describe(b)}, "
            f"{describe(running[0])}, {describe(running[1])}, {batch_statistics}, {eps}, {groups})")
     result = outcome(lambda: ops.batch_norm_normalize(x, w, b, running[0], running[1], batch_statistics, eps, groups))
