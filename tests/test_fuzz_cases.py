@@ -1653,12 +1653,13 @@ def ws_layer_case(data, name, spike_input=False):
                 device=device, compare=compare, not_spikes=not_spikes and graph, folded=(lambda t: list(t.flatten(0, 1).shape)) if folds else None)
 
 
-def ws_draw_per_channel(data, O, dtype, seed, label):
-    """gamma or beta: absent, [O] (mostly) or a wrong shape; sometimes another dtype."""
-    shape = data.draw(st.sampled_from([None, [O], [O], [O], [O + 1], [O, 1], []]), label=f"{label} shape")
+def ws_draw_per_channel(data, O, dtype, seed, label, valid=False):
+    """gamma or beta: absent, [O] (mostly) or a wrong shape; sometimes another dtype (valid: absent or [O])."""
+    shape = data.draw(st.sampled_from([[O], None] if valid else [None, [O], [O], [O], [O + 1], [O, 1], []]),
+                      label=f"{label} shape")
     if shape is None:
         return None
-    p_dtype = data.draw(st.sampled_from([dtype] * 6 + FLOATS), label=f"{label} dtype")
+    p_dtype = dtype if valid else data.draw(st.sampled_from([dtype] * 6 + FLOATS), label=f"{label} dtype")
     t = make_tensor(shape, p_dtype, "contiguous", "cpu", seed)
     return t.abs() + 0.5 if label == "gamma" and p_dtype.is_floating_point else t
 
@@ -1669,39 +1670,56 @@ def test_weight_standardize_ops(data):
     """weight_standardize, weight_standardize_forward and weight_standardize_backward on drawn
     weights (any rank, zero sizes, fan_in 1), per-channel tensors, eps, dtypes, layouts and
     devices: a clean error where the contract (docs/API.md) refuses, else the float64 formula."""
+    weight_standardize_ops_case(data)
+
+
+@case
+@given(data=st.data())
+def test_weight_standardize_ops_valid(data):
+    """test_weight_standardize_ops on valid, non-empty arguments only: its draws are mostly errors."""
+    weight_standardize_ops_case(data, valid=True)
+
+
+def weight_standardize_ops_case(data, valid=False):
     seed = data.draw(seeds, label="seed")
     which = data.draw(st.sampled_from(["weight_standardize", "weight_standardize_forward",
                                        "weight_standardize_backward"]), label="op")
-    dtype = draw_dtype(data, "dtype")
-    rank = data.draw(st.sampled_from([2, 2, 3, 4, 5, 1, 0]), label="rank")
-    shape = [data.draw(st.integers(0, 4), label="size") for _ in range(rank)]
+    dtype = data.draw(st.sampled_from(FLOATS), label="dtype") if valid else draw_dtype(data, "dtype")
+    rank = data.draw(st.sampled_from([2, 3, 4, 5] if valid else [2, 2, 3, 4, 5, 1, 0]), label="rank")
+    # valid: no zero size, and a fan_in of 2 or more
+    shape = [data.draw(st.integers((2 if d == 1 else 1) if valid else 0, 4), label="size") for d in range(rank)]
     w = make_tensor(shape, dtype, data.draw(st.sampled_from(LAYOUTS), label="layout"), "cpu", seed, channel_dim=1,
                     offset=data.draw(st.sampled_from([0.0, 0.0, 100.0]), label="offset"))
     O = shape[0] if shape else 0
-    gamma, beta = ws_draw_per_channel(data, O, dtype, seed + 1, "gamma"), ws_draw_per_channel(data, O, dtype, seed + 2, "beta")
-    eps = data.draw(st.sampled_from([1e-6, 1e-6, 0.0, 0.1, -1e-3, math.nan]), label="eps")
+    gamma = ws_draw_per_channel(data, O, dtype, seed + 1, "gamma", valid)
+    beta = ws_draw_per_channel(data, O, dtype, seed + 2, "beta", valid)
+    eps = data.draw(st.sampled_from([1e-6, 0.1] if valid else [1e-6, 1e-6, 0.0, 0.1, -1e-3, math.nan]), label="eps")
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     fan_in = math.prod(shape[1:]) if rank >= 1 else 0
     floating = dtype.is_floating_point
     per_channel_ok = all(p is None or (list(p.shape) == [O] and p.dtype == dtype) for p in (gamma, beta))
     if which == "weight_standardize_backward":
         beta = None
-        dy = make_tensor(data.draw(st.sampled_from([shape] * 6 + [shape[:-1]]), label="dy shape"),
-                         data.draw(st.sampled_from([dtype] * 6 + FLOATS), label="dy dtype"), "contiguous", "cpu", seed + 3)
-        stat_shape = data.draw(st.sampled_from([[O]] * 6 + [[O + 1]]), label="stat shape")
-        stat_dtype = data.draw(st.sampled_from([acc] * 6 + [torch.float16]), label="stat dtype")
+        if valid:
+            dy_shape, dy_dtype, stat_shape, stat_dtype = shape, dtype, [O], acc
+        else:
+            dy_shape = data.draw(st.sampled_from([shape] * 6 + [shape[:-1]]), label="dy shape")
+            dy_dtype = data.draw(st.sampled_from([dtype] * 6 + FLOATS), label="dy dtype")
+            stat_shape = data.draw(st.sampled_from([[O]] * 6 + [[O + 1]]), label="stat shape")
+            stat_dtype = data.draw(st.sampled_from([acc] * 6 + [torch.float16]), label="stat dtype")
+        dy = make_tensor(dy_shape, dy_dtype, "contiguous", "cpu", seed + 3)
         mean = make_tensor(stat_shape, stat_dtype, "contiguous", "cpu", seed + 4)
         rstd = make_tensor(stat_shape, stat_dtype, "contiguous", "cpu", seed + 5).abs()
         valid = floating and rank >= 2 and list(dy.shape) == shape and dy.dtype == dtype and stat_shape == [O] and \
             stat_dtype == acc and (gamma is None or (list(gamma.shape) == [O] and gamma.dtype == dtype))
-        tensors = [maybe_meta(data, t, label) for t, label in [(dy, "dy"), (w, "w"), (mean, "mean"), (rstd, "rstd"),
+        tensors = [maybe_meta(data, t, label, valid) for t, label in [(dy, "dy"), (w, "w"), (mean, "mean"), (rstd, "rstd"),
                                                                 (gamma, "gamma")]]
         record(f"torch.ops.matterhorn.weight_standardize_backward({', '.join(describe(t) for t in tensors)})")
         result = outcome(lambda: ops.weight_standardize_backward(*tensors))
         dy, w, mean, rstd, gamma = tensors
     else:
         valid = floating and rank >= 2 and fan_in != 1 and per_channel_ok and eps >= 0
-        w, gamma, beta = (maybe_meta(data, t, label) for t, label in [(w, "w"), (gamma, "gamma"), (beta, "beta")])
+        w, gamma, beta = (maybe_meta(data, t, label, valid) for t, label in [(w, "w"), (gamma, "gamma"), (beta, "beta")])
         record(f"torch.ops.matterhorn.{which}({describe(w)}, {describe(gamma)}, {describe(beta)}, {eps})")
         result = outcome(lambda: getattr(ops, which)(w, gamma, beta, eps))
     u, u_acc = finfo_eps(dtype) if floating else 0, finfo_eps(acc)
