@@ -269,10 +269,9 @@ class Attend(nn.Module):
         return self.attention(query, key, value, key_padding_mask=padding)
 
 
-# The TorchScript exporter writes movedim's negative dimensions into a batch_first Transpose's
-# perm, which ONNX Runtime refuses to load (see the report): that pair is not exported here.
-@pytest.mark.parametrize("dynamo,batch_first", [(True, False), (True, True), (False, False)],
-                         ids=["dynamo-time-major", "dynamo-batch_first", "torchscript-time-major"])
+@pytest.mark.parametrize("dynamo,batch_first", [(True, False), (True, True), (False, False), (False, True)],
+                         ids=["dynamo-time-major", "dynamo-batch_first", "torchscript-time-major",
+                              "torchscript-batch_first"])
 def test_multihead_attention(dynamo, batch_first, tmp_path):
     model = Attend(batch_first)
     time, batch = (1, 0) if batch_first else (0, 1)

@@ -85,8 +85,12 @@ class MultiheadAttention(Module, nn.MultiheadAttention):
 
     @torch.jit.unused
     def _autocasting(self, x: torch.Tensor) -> bool:
-        """Under autocast torch.nn casts the input and the weights itself (not in TorchScript)."""
-        return torch.is_autocast_enabled(x.device.type)
+        """Under autocast torch.nn casts the input and the weights itself (not in TorchScript); a
+        device type autocast does not know (meta) has none."""
+        try:
+            return torch.is_autocast_enabled(x.device.type)
+        except RuntimeError:
+            return False
 
     def _check_mask(self, name: str, mask: Optional[torch.Tensor], query: torch.Tensor) -> None:
         if mask is not None:
@@ -153,7 +157,8 @@ class MultiheadAttention(Module, nn.MultiheadAttention):
         if unbatched:
             return output, weights
         if self.batch_first:  # [T, B*N, C] -> [B*N, T, C] -> [B, T, N, C], views
-            output = output.transpose(0, 1).unflatten(0, batch).movedim(-2, 1)
+            output = output.transpose(0, 1).unflatten(0, batch)
+            output = output.movedim(output.dim() - 2, 1)  # dimensions >= 0: ONNX's Transpose takes no negative perm
         else:
             output = output.unflatten(1, batch)
         if weights is not None:
@@ -166,7 +171,7 @@ class MultiheadAttention(Module, nn.MultiheadAttention):
         if unbatched:
             return x
         if self.batch_first:
-            return x.movedim(1, -2).flatten(0, -3).transpose(0, 1)
+            return x.movedim(1, x.dim() - 2).flatten(0, -3).transpose(0, 1)
         return x.flatten(1, -2)
 
     def _fold_padding(self, mask: torch.Tensor, batch: List[int], source: int, unbatched: bool) -> torch.Tensor:
