@@ -165,3 +165,7 @@ def test_cpp_normalization_repr_and_errors():
         mth._C.BatchNorm2d(4).forward(to_dlpack(torch.randn(2, 3, 5, 4, 4)))
     with pytest.raises(ValueError, match=r"LayerNorm: normalized_shape must hold sizes >= 1"):
         mth._C.LayerNorm([4, 0])
+    bntt = mth._C.BatchNormThroughTime2d(3, 4, affine=False, track_running_stats=False, batch_first=True)
+    with pytest.raises(ValueError, match=r"BatchNormThroughTime2d: expected T = 3 time steps \(the layer's T\), "
+                                         r"got 2 in input \[0, 2, 4, 5, 5\] \(batch_first"):
+        bntt.forward(to_dlpack(torch.randn(0, 2, 4, 5, 5)))

@@ -185,6 +185,25 @@ def test_another_number_of_steps_is_a_clear_error(kind, name):
         layer.single_step_mode_()
 
 
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bntt_without_per_step_tensors_still_checks_its_steps(batch_first, training):
+    """affine=False, track_running_stats=False: no per-step tensor holds T; another T (an empty
+    batch too) is still the layer's ValueError, eager and scripted, and the layer's T runs."""
+    layer = mth.snn.BatchNormThroughTime2d(T, C, affine=False, track_running_stats=False,
+                                           batch_first=batch_first).train(training)
+    scripted = torch.jit.script(layer)
+    for steps, batch in ((T + 1, B), (T - 1, B), (T + 1, 0)):
+        x = torch.randn(*((batch, steps) if batch_first else (steps, batch)), C, 4, 5)
+        with pytest.raises(ValueError, match=rf"BatchNormThroughTime2d: expected T = {T} time steps \(the layer's T\), "
+                                             rf"got {steps}"):
+            layer(x)
+        with pytest.raises(torch.jit.Error, match=rf"expected T = {T} time steps"):
+            scripted(x)
+    x = make_input((4, 5), "contiguous", torch.float32, batch_first)
+    torch.testing.assert_close(scripted(x), layer(x))
+
+
 def test_bntt_eval_uses_step_t_running_statistics_for_step_t():
     layer = mth.snn.BatchNormThroughTime1d(3, 2).eval()
     with torch.no_grad():

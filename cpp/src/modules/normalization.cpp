@@ -139,12 +139,19 @@ template <TemporalNorm K, size_t D>
 at::Tensor TemporalBatchNormImpl<K, D>::forward(const at::Tensor& input) {
   const bool training = this->is_training();
   const bool use_running = !training || options.track_running_stats();
-  return ops::batch_norm_layer(
+  at::Tensor output = ops::batch_norm_layer(  // the op checks the rank first
       input, optional(weight), optional(bias), use_running ? optional(running_mean) : std::nullopt,
       use_running ? optional(running_var) : std::nullopt,
       training && options.track_running_stats() ? optional(num_batches_tracked) : std::nullopt, training,
       options.momentum(), options.eps(), temporal_name<K, D>(), options.num_features(), /*multi_step_mode=*/true,
       /*per_step=*/K == TemporalNorm::kThroughTime, options.batch_first(), optional(scale));
+  // BNTT without weight and running statistics: no per-step tensor shows the op the layer's T
+  const auto steps = input.sym_size(options.batch_first() ? 1 : 0);
+  TORCH_CHECK_VALUE(
+      K != TemporalNorm::kThroughTime || weight.defined() || running_mean.defined() || steps == options.T(),
+      temporal_name<K, D>(), ": expected T = ", options.T(), " time steps (the layer's T), got ", steps, " in input ",
+      input.sym_sizes(), options.batch_first() ? " (batch_first: [B, T, ...])" : "");
+  return output;
 }
 
 #define MATTERHORN_TEMPORAL_NORM(kind)                         \

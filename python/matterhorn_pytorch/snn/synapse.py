@@ -750,6 +750,15 @@ class _BatchNormThroughTime(_TemporalBatchNorm):
             self.register_buffer("running_mean", torch.zeros(T, num_features, **factory))
             self.register_buffer("running_var", torch.ones(T, num_features, **factory))
 
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        output = self._normalize(input, None)  # the op checks the rank first
+        # without weight and running statistics no per-step tensor shows the op the layer's T
+        steps = input.shape[1 if self.batch_first else 0]
+        if self.weight is None and self.running_mean is None and steps != self.T:
+            raise ValueError(f"{self.layer_name}: expected T = {self.T} time steps (the layer's T), got {steps} "
+                             f"in input {list(input.shape)}" + (" (batch_first: [B, T, ...])" if self.batch_first else ""))
+        return output
+
     def extra_repr(self) -> str:
         return f"T={self.T}, " + super().extra_repr()
 
