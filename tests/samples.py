@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import pytest
 import torch
 
 import matterhorn_pytorch  # noqa: F401  (registers torch.ops.matterhorn)
@@ -494,6 +495,17 @@ def check_against_reference(sample, device):
         scale = b.detach().abs().max().item() if b.numel() else 0.0
         torch.testing.assert_close(a.detach().double(), b.detach().to(a.device), rtol=eps, atol=eps * (1 + scale),
                                    msg=lambda m: f"result {i}: {m}")
+
+
+def check_no_derivative(sample, device):
+    """A building block without a derivative: a backward through it raises, naming the op (torch's
+    default would warn and give no gradient)."""
+    args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in sample.build(device)]
+    outputs = sample.overload(*args)
+    output = outputs[0] if isinstance(outputs, tuple) else outputs
+    with pytest.raises(RuntimeError, match=f"derivative for matterhorn::{sample.op} is not implemented"):
+        output.sum().backward()
 
 
 def _ln_rows(x, normalized_shape):

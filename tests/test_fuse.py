@@ -151,8 +151,17 @@ def test_training_mode_is_refused():
     model[1].train()  # one submodule in training is enough to refuse
     with pytest.raises(ValueError, match=r"training mode \(1\)"):
         mth.fuse(model)
-    with pytest.raises(TypeError, match="mth.fuse: expected an nn.Module"):
+    with pytest.raises(TypeError, match="mth.fuse: expected an eager nn.Module"):
         mth.fuse(torch.zeros(1))
+    with pytest.raises(TypeError, match=r"got RecursiveScriptModule \(fuse before torch.jit.script"):
+        mth.fuse(torch.jit.script(model.eval()))
+
+
+@pytest.mark.parametrize("bn", [snn.BatchNorm2d, nn.BatchNorm2d])
+def test_batch_norm_with_negative_eps_is_refused(bn):
+    model = nn.Sequential(snn.Conv2d(2, 4, 3), bn(4, eps=-1e-3)).eval()
+    with pytest.raises(ValueError, match=r"fuse: 1 \(BatchNorm2d\): eps must be non-negative, got -0.001"):
+        mth.fuse(model)
 
 
 @pytest.mark.parametrize("bn", [snn.BatchNorm2d, nn.BatchNorm2d])
@@ -187,6 +196,48 @@ def test_layers_that_are_not_plain_are_left_alone():
     # A BatchNorm over other channels than the layer's outputs is not a pair either.
     model = nn.Sequential(snn.Linear(4, 6), snn.BatchNorm1d(3)).eval()
     assert isinstance(mth.fuse(model)[1], snn.BatchNorm1d)
+
+
+@pytest.mark.parametrize("layer,bn,shape", [
+    (lambda: snn.Linear(4, 4), lambda: snn.BatchNorm2d(4), (T, B, 4, 5, 4)),
+    (lambda: snn.Linear(4, 4), lambda: snn.BatchNorm3d(4), (T, B, 4, 2, 3, 4)),
+    (lambda: nn.Linear(4, 4), lambda: nn.BatchNorm2d(4), (B, 4, 5, 4)),
+    (lambda: snn.Conv1d(4, 4, 1), lambda: snn.BatchNorm2d(4), (T, 4, 4, 6)),
+    (lambda: snn.Conv2d(4, 4, 1), lambda: snn.BatchNorm3d(4), (T, 4, 4, 3, 3)),
+    (lambda: snn.ConvTranspose2d(4, 4, 1, multi_time_step=False), lambda: snn.BatchNorm1d(4), (4, 4, 4, 3)),
+], ids=["Linear+BatchNorm2d", "Linear+BatchNorm3d", "torch.nn Linear+BatchNorm2d", "Conv1d+BatchNorm2d",
+        "Conv2d+BatchNorm3d", "ConvTranspose2d+BatchNorm1d"])
+def test_batch_norm_of_another_rank_is_not_a_pair(layer, bn, shape):
+    """A BatchNorm{D}d normalizes dimension 1 or 2 of a rank-D layout: after a layer of another
+    rank (a Linear's features are last) it normalizes another dimension than the layer's outputs,
+    even with as many features, and folding it would change the result."""
+    model = randomise_statistics(nn.Sequential(layer(), bn())).double().eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    fused = mth.fuse(model)
+    assert type(fused[1]) is type(model[1])
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+def test_a_layer_used_elsewhere_keeps_its_weights_there():
+    """The pair gets a folded copy of the layer: another use of the same module (a tied layer, a
+    second reference) still computes with the unfolded weights."""
+    class TwoUses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(snn.Linear(4, 4), snn.BatchNorm1d(4))
+            self.head = self.body[0]
+
+        def forward(self, x):
+            return self.body(x) + self.head(x)
+
+    x = torch.randn(T, B, 4, dtype=torch.float64)
+    for model in (nn.Sequential(snn.Linear(4, 4), snn.BatchNorm1d(4), nn.ReLU(), snn.Linear(4, 4)), TwoUses()):
+        if isinstance(model, nn.Sequential):
+            model[3] = model[0]  # the same Linear twice
+        model = randomise_statistics(model).double().eval()
+        fused = mth.fuse(model)
+        assert not any(isinstance(m, _BatchNorm) for m in fused.modules())
+        torch.testing.assert_close(fused(x), model(x))
 
 
 def conv_bn_net() -> nn.Module:
@@ -287,3 +338,23 @@ def test_cpp_fuse_matches_python_fuse():
     refused.train(False)
     with pytest.raises(ValueError, match=r"fuse: 1 \(BatchNorm1d\) has track_running_stats=false"):
         refused.fuse()
+    refused = C.Sequential([C.Linear(3, 4), C.BatchNorm1d(4, eps=-1e-3)])
+    refused.train(False)
+    with pytest.raises(ValueError, match=r"fuse: 1 \(BatchNorm1d\): eps must be non-negative"):
+        refused.fuse()
+
+
+def test_cpp_fuse_pairs_only_a_batch_norm_of_the_layer_rank():
+    from torch.utils.dlpack import from_dlpack, to_dlpack
+
+    C = mth._C
+    for layer, bn, shape in [(C.Linear(4, 4), C.BatchNorm2d(4), (T, B, 4, 5, 4)),
+                             (C.Conv1d(4, 4, [1]), C.BatchNorm2d(4), (T, 4, 4, 6)),
+                             (C.Linear(4, 4), C.BatchNorm1d(4), (T, B, 4))]:
+        model = C.Sequential([layer, bn])
+        model.train(False)
+        fused = model.fuse()
+        x = torch.randn(shape)
+        folded = "1.running_mean" not in fused.named_buffers()
+        assert folded == (shape == (T, B, 4)), shape
+        torch.testing.assert_close(from_dlpack(fused.forward(to_dlpack(x))), from_dlpack(model.forward(to_dlpack(x))))

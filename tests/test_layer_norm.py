@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import matterhorn_pytorch as mth
-from samples import DEVICES, LAYER_NORM_SAMPLES, assert_within, check_against_reference, opcheck, rounding, sum_error
+from samples import (DEVICES, LAYER_NORM_SAMPLES, assert_within, check_against_reference, check_no_derivative, opcheck,
+                     rounding, sum_error)
 
 ops = torch.ops.matterhorn
 
@@ -215,6 +216,13 @@ def test_op_equals_torch_nn_or_a_float64_formula(sample, device):
 @pytest.mark.parametrize("sample", LAYER_NORM_SAMPLES, ids=lambda s: f"{s.op}-{s.id}")
 def test_opcheck(sample, device):
     opcheck(sample.overload, sample.build(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sample", [s for s in LAYER_NORM_SAMPLES if s.op == "layer_norm_backward"],
+                         ids=lambda s: s.id)
+def test_backward_block_has_no_derivative(sample, device):
+    check_no_derivative(sample, device)
 
 
 class TestErrors:

@@ -1,5 +1,6 @@
 """BatchNorm against torch.nn on the folded tensor, and the BatchNorm ops (LayerNorm: test_layer_norm.py)."""
 
+import copy
 import inspect
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 import torch.nn as nn
 
 import matterhorn_pytorch as mth
-from samples import BATCH_NORM_SAMPLES, DEVICES, assert_within, check_against_reference, opcheck, rounding, sum_error
+from samples import (BATCH_NORM_SAMPLES, DEVICES, assert_within, check_against_reference, check_no_derivative, opcheck,
+                     rounding, sum_error)
 
 # (class name, input size after [T, B] / [B]: C first, memory formats to try)
 BN_SHAPES = [
@@ -282,6 +284,61 @@ def test_gradcheck_gradgradcheck_and_forward_ad_float64(name, args, kwargs):
         layer.train(training)
         assert torch.autograd.gradcheck(run, (x, *params.values()), check_forward_ad=True, check_batched_grad=False)
         assert torch.autograd.gradgradcheck(run, (x, *params.values()))
+
+
+def loop_of_batch_norm(x, params, state, training, momentum, eps):
+    """per_step=True: torch's batch norm per time step, one running-statistics update per step."""
+    rm, rv, _ = state
+    return torch.stack([torch.nn.functional.batch_norm(x[t], rm, rv, params.get("weight"), params.get("bias"),
+                                                       training, momentum, eps) for t in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("name,args,kwargs", [
+    ("BatchNorm2d", (2,), dict()), ("BatchNorm2d", (2,), dict(per_step=True)),
+    ("BatchNorm2d", (2,), dict(affine=False)), ("TemporalEffectiveBatchNorm2d", (3, 2), dict()),
+    ("BatchNormThroughTime2d", (3, 2), dict()),
+], ids=["BatchNorm2d", "per_step", "affine=False", "TEBN", "BNTT"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_func_vjp_and_hessian_equal_the_definition(name, args, kwargs, training):
+    """torch.func.vjp and jacrev(jacrev) (which differentiate with create_graph=True, on tensors of
+    a finished transform) against the plain-torch definition, in float64."""
+    from test_temporal_norm import bntt_definition, tdbn_definition, tebn_definition  # noqa: PLC0415
+    layer = getattr(mth.snn, name)(*args, dtype=torch.float64, **kwargs).train(training)
+    definition = bntt_definition if "ThroughTime" in name else tebn_definition if "Effective" in name else \
+        loop_of_batch_norm if kwargs.get("per_step") else tdbn_definition
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(0.5, 1.5)
+        layer.running_mean.uniform_(-0.5, 0.5), layer.running_var.uniform_(0.5, 1.5)
+    params = {k: v.detach().clone() for k, v in layer.named_parameters()}
+    x = torch.randn(3, 2, 2, 2, 1, dtype=torch.float64)
+
+    def ours(x, params):  # the running statistics of a copy: each call starts from the same state
+        return torch.func.functional_call(copy.deepcopy(layer), params, (x,))
+
+    def reference(x, params):
+        state = [layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone()]
+        return definition(x, params, state, training, layer.momentum, layer.eps)
+
+    cotangent = torch.randn_like(x)
+    y, back = torch.func.vjp(ours, x, params)
+    y_ref, back_ref = torch.func.vjp(reference, x, params)
+    torch.testing.assert_close(y, y_ref)
+    (dx, dparams), (dx_ref, dparams_ref) = back(cotangent), back_ref(cotangent)
+    torch.testing.assert_close(dx, dx_ref)
+    for k in params:
+        torch.testing.assert_close(dparams[k], dparams_ref[k], msg=lambda m: f"{k}: {m}")
+    cubed = lambda f: lambda x: f(x, params).pow(3).sum()  # noqa: E731 - a non-quadratic loss
+    hessian = torch.func.jacrev(torch.func.jacrev(cubed(ours)))(x)
+    torch.testing.assert_close(hessian, torch.func.jacrev(torch.func.jacrev(cubed(reference)))(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sample", [s for s in BATCH_NORM_SAMPLES if s.op in (
+    "batch_norm_stats", "batch_norm_elemt", "batch_norm_backward_reduce", "batch_norm_backward_elemt")],
+    ids=lambda s: f"{s.op}-{s.id}")
+def test_building_blocks_have_no_derivative(sample, device):
+    check_no_derivative(sample, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -386,6 +386,8 @@ def test_backward_block_equals_the_formula():
     torch.testing.assert_close(dbeta, dy.sum((1, 2)))
     _, dgamma, _ = ops.weight_standardize_backward(dy, w, mean, rstd, None)
     assert dgamma.shape == (0,)
+    with pytest.raises(RuntimeError, match="derivative for matterhorn::weight_standardize_backward is not implemented"):
+        ops.weight_standardize_backward(dy.requires_grad_(), w, mean, rstd, gamma)[0].sum().backward()
 
 
 def test_a_channel_of_equal_weights_divides_by_eps():

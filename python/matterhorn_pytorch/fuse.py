@@ -22,11 +22,22 @@ def _foldable_classes() -> tuple:
     return tuple(getattr(nn, name) for name in names) + tuple(getattr(snn, name) for name in names)
 
 
-def _output_channels(layer: nn.Module) -> Optional[int]:
-    """The number of output channels of a layer a BatchNorm can be folded into, else None."""
+def _output_channels(layer: nn.Module) -> Optional[Tuple[int, int]]:
+    """The output channels of a layer a BatchNorm can be folded into, with the rank of the
+    BatchNorm that normalizes them (a Linear's features are BatchNorm1d's channels), else None."""
     if type(layer) not in _foldable_classes():
         return None
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, 1
+    return layer.out_channels, len(layer.kernel_size)
+
+
+def _batch_norm_rank(bn: _BatchNorm) -> Optional[int]:
+    """1, 2 or 3 for a BatchNorm{1,2,3}d; None for one of any rank (SyncBatchNorm)."""
+    for rank, cls in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
+        if isinstance(bn, cls):
+            return rank
+    return None
 
 
 def _plain_batch_norm(module: nn.Module) -> bool:
@@ -50,6 +61,8 @@ def _scale_and_shift(bn: _BatchNorm, where: str) -> Tuple[torch.Tensor, torch.Te
             f"mth.fuse: {where} ({type(bn).__name__}) has track_running_stats=False, so eval normalises "
             "with each batch's statistics, which cannot be folded into a weight; build it with "
             "track_running_stats=True or take it out of the nn.Sequential")
+    if not bn.eps >= 0:  # as the layer refuses it in eval
+        raise ValueError(f"mth.fuse: {where} ({type(bn).__name__}): eps must be non-negative, got {bn.eps}")
     scale = (bn.running_var.double() + bn.eps).rsqrt()
     if bn.weight is not None:
         scale = scale * bn.weight.double()
@@ -60,9 +73,11 @@ def _scale_and_shift(bn: _BatchNorm, where: str) -> Tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def _fold(layer: nn.Module, bn: _BatchNorm, where: str) -> None:
-    """Folds ``bn`` (in eval mode) into ``layer``'s weight and bias, in place."""
+def _fold(layer: nn.Module, bn: _BatchNorm, where: str) -> nn.Module:
+    """A copy of ``layer`` with ``bn`` (in eval mode) folded into its weight and bias (the layer
+    itself may be used elsewhere too, unfused)."""
     scale, shift = _scale_and_shift(bn, where)
+    layer = copy.deepcopy(layer)
     weight = layer.weight.double()
     if isinstance(layer, _ConvNd) and layer.transposed:
         # Weight [C_in, C_out / groups, k...]: output channel g * (C_out / groups) + j is [g-th
@@ -77,6 +92,7 @@ def _fold(layer: nn.Module, bn: _BatchNorm, where: str) -> None:
     requires_grad = layer.weight.requires_grad
     layer.weight = nn.Parameter(weight.to(dtype), requires_grad=requires_grad)
     layer.bias = nn.Parameter(bias.to(dtype=dtype, device=device), requires_grad=requires_grad)
+    return layer
 
 
 def _fuse_sequential(sequential: nn.Sequential, prefix: str) -> None:
@@ -84,11 +100,12 @@ def _fuse_sequential(sequential: nn.Sequential, prefix: str) -> None:
     for name, next_name in zip(names, names[1:]):
         layer, bn = sequential._modules[name], sequential._modules[next_name]
         channels = _output_channels(layer)
-        # A BatchNorm over another dimension than the layer's channels (a Linear on [T, B, N, F]
-        # before a BatchNorm1d(N)) is not a per-channel affine of the layer's output.
-        if channels is None or not _plain_batch_norm(bn) or bn.num_features != channels:
+        # A BatchNorm over another dimension than the layer's channels (a BatchNorm2d after a
+        # Linear; a Linear on [T, B, N, F] before a BatchNorm1d(N)) is no per-channel affine of them.
+        if channels is None or not _plain_batch_norm(bn) or bn.num_features != channels[0] or \
+                _batch_norm_rank(bn) not in (None, channels[1]):
             continue
-        _fold(layer, bn, prefix + next_name)
+        sequential._modules[name] = _fold(layer, bn, prefix + next_name)
         sequential._modules[next_name] = nn.Identity()
 
 
@@ -101,8 +118,9 @@ def fuse(model: nn.Module) -> nn.Module:
     mode and is not changed. A BatchNorm without running statistics (``track_running_stats=False``)
     in such a pair is refused with a ``ValueError``: eval normalises it with batch statistics.
     A bias-free layer gets a bias. The fold is computed in float64 and cast to the layer's dtype."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"mth.fuse: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"mth.fuse: expected an eager nn.Module, got {type(model).__name__} "
+                        "(fuse before torch.jit.script or trace)")
     training = [name or type(model).__name__ for name, module in model.named_modules() if module.training]
     if training:
         raise ValueError(

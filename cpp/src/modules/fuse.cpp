@@ -30,37 +30,44 @@ auto first_rank(const Find& find) {
   return result;
 }
 
-// `visit(bn, name)` on `module` if it is one of our BatchNorms whose eval is x * scale + shift
+// `visit(bn, name, D)` on `module` if it is one of our BatchNorms whose eval is x * scale + shift
 // per channel (BatchNorm1d/2d/3d, and tdBN, which only initialises differently), else nullopt.
 // TEBN (a scale per step) and BNTT (per-step statistics) are not.
 template <typename Visit>
 auto visit_batch_norm(const torch::nn::Module& module, const Visit& visit) {
-  using Result = decltype(visit(std::declval<const BatchNormImpl<1>&>(), std::string()));
+  using Result = decltype(visit(std::declval<const BatchNormImpl<1>&>(), std::string(), size_t{1}));
   return first_rank([&](auto rank) -> Result {
     constexpr size_t D = decltype(rank)::value;
-    if (const auto* bn = dynamic_cast<const BatchNormImpl<D>*>(&module)) return visit(*bn, c10::str("BatchNorm", D, "d"));
+    if (const auto* bn = dynamic_cast<const BatchNormImpl<D>*>(&module)) return visit(*bn, c10::str("BatchNorm", D, "d"), D);
     using ThresholdDependent = TemporalBatchNormImpl<TemporalNorm::kThresholdDependent, D>;
     if (const auto* bn = dynamic_cast<const ThresholdDependent*>(&module)) {
-      return visit(*bn, c10::str("ThresholdDependentBatchNorm", D, "d"));
+      return visit(*bn, c10::str("ThresholdDependentBatchNorm", D, "d"), D);
     }
     return std::nullopt;
   });
 }
 
-// The number of features of `module` if it is a BatchNorm that visit_batch_norm knows.
-std::optional<int64_t> batch_norm_features(const torch::nn::Module& module) {
-  return visit_batch_norm(module, [](const auto& bn, const std::string&) {
-    return std::optional<int64_t>(bn.options.num_features());
+// Channels and the rank of the layout they sit in: a BatchNorm{D}d normalizes the channels of
+// [T, B, C, D spatial sizes]; a Linear's features are those of BatchNorm1d's [T, B, C] (a
+// BatchNorm of another rank normalizes another dimension than the layer's outputs).
+using Channels = std::pair<int64_t, size_t>;
+
+// The channels of `module` if it is a BatchNorm that visit_batch_norm knows.
+std::optional<Channels> batch_norm_channels(const torch::nn::Module& module) {
+  return visit_batch_norm(module, [](const auto& bn, const std::string&, size_t rank) {
+    return std::optional<Channels>(Channels{bn.options.num_features(), rank});
   });
 }
 
 // The output channels of `layer` if it is one of the layers a BatchNorm folds into.
-std::optional<int64_t> output_channels(const torch::nn::Module& layer) {
-  if (const auto* linear = dynamic_cast<const LinearImpl*>(&layer)) return linear->options.out_features();
-  return first_rank([&](auto rank) -> std::optional<int64_t> {
+std::optional<Channels> output_channels(const torch::nn::Module& layer) {
+  if (const auto* linear = dynamic_cast<const LinearImpl*>(&layer)) return Channels{linear->options.out_features(), 1};
+  return first_rank([&](auto rank) -> std::optional<Channels> {
     constexpr size_t D = decltype(rank)::value;
-    if (const auto* conv = dynamic_cast<const ConvImpl<D>*>(&layer)) return conv->options.out_channels();
-    if (const auto* conv = dynamic_cast<const ConvTransposeImpl<D>*>(&layer)) return conv->options.out_channels();
+    if (const auto* conv = dynamic_cast<const ConvImpl<D>*>(&layer)) return Channels{conv->options.out_channels(), D};
+    if (const auto* conv = dynamic_cast<const ConvTransposeImpl<D>*>(&layer)) {
+      return Channels{conv->options.out_channels(), D};
+    }
     return std::nullopt;
   });
 }
@@ -72,11 +79,14 @@ struct Affine {
 
 // `module` (a BatchNorm that visit_batch_norm knows) as its affine map.
 Affine batch_norm_affine(const torch::nn::Module& module, const std::string& where) {
-  return *visit_batch_norm(module, [&](const auto& bn, const std::string& name) -> std::optional<Affine> {
+  return *visit_batch_norm(module, [&](const auto& bn, const std::string& name, size_t) -> std::optional<Affine> {
     TORCH_CHECK_VALUE(
         bn.running_mean.defined() && bn.running_var.defined(), "matterhorn::snn::fuse: ", where, " (", name,
         ") has track_running_stats=false, so eval normalises with each batch's statistics, which cannot be folded "
         "into a weight; build it with track_running_stats(true) or take it out of the Sequential");
+    TORCH_CHECK_VALUE(
+        bn.options.eps() >= 0, "matterhorn::snn::fuse: ", where, " (", name, "): eps must be non-negative, got ",
+        bn.options.eps());
     at::Tensor scale = at::rsqrt(bn.running_var.to(at::kDouble) + bn.options.eps());
     if (bn.weight.defined()) scale = scale * bn.weight.to(at::kDouble);
     at::Tensor shift = -bn.running_mean.to(at::kDouble) * scale;
@@ -146,9 +156,9 @@ torch::nn::Sequential fuse(const torch::nn::Sequential& model) {
     const std::shared_ptr<torch::nn::Module> module = model->ptr(i);
     if (i + 1 < size) {
       const std::shared_ptr<torch::nn::Module> next = model->ptr(i + 1);
-      const std::optional<int64_t> channels = output_channels(*module);
+      const std::optional<Channels> channels = output_channels(*module);
       // A BatchNorm over other channels than the layer's outputs is not a per-channel affine of them.
-      if (channels && batch_norm_features(*next) == channels) {
+      if (channels && batch_norm_channels(*next) == channels) {
         result->push_back(names[i], fold(*module, batch_norm_affine(*next, names[i + 1])));
         result->push_back(names[i + 1], torch::nn::AnyModule(torch::nn::Identity()));
         ++i;

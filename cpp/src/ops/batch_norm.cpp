@@ -12,6 +12,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include "matterhorn/ops/batch_norm.h"
 #include "ops/checks.h"
@@ -542,4 +543,13 @@ TORCH_LIBRARY_IMPL(matterhorn, CompositeImplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(matterhorn, CompositeExplicitAutograd, m) {
   m.impl("batch_norm_normalize", &matterhorn::ops::batch_norm_normalize_composite);
+}
+
+// The building blocks have no derivatives (batch_norm_normalize has): a backward through one
+// raises, where torch's default would warn and give no gradient.
+TORCH_LIBRARY_IMPL(matterhorn, Autograd, m) {
+  for (const char* block : {"batch_norm_stats", "batch_norm_elemt", "batch_norm_backward_reduce",
+                            "batch_norm_backward_elemt", "batch_norm_update_stats"}) {
+    m.impl(block, torch::autograd::autogradNotImplementedFallback());
+  }
 }

@@ -6,6 +6,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include "matterhorn/ops/layer_norm.h"
 #include "ops/checks.h"
@@ -147,4 +148,10 @@ TORCH_LIBRARY_FRAGMENT(matterhorn, m) {
 
 TORCH_LIBRARY_IMPL(matterhorn, CompositeImplicitAutograd, m) {
   m.impl("layer_norm", &matterhorn::ops::layer_norm_composite);
+}
+
+// A building block without a derivative (layer_norm_normalize has one): a backward through it
+// raises, where torch's default would warn and give no gradient.
+TORCH_LIBRARY_IMPL(matterhorn, Autograd, m) {
+  m.impl("layer_norm_backward", torch::autograd::autogradNotImplementedFallback());
 }

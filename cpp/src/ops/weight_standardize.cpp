@@ -15,6 +15,7 @@
 #include <ATen/ops/var_mean.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include "matterhorn/ops/weight_standardize.h"
 #include "ops/norm_common.h"  // cast
@@ -205,4 +206,10 @@ TORCH_LIBRARY_FRAGMENT(matterhorn, m) {
 
 TORCH_LIBRARY_IMPL(matterhorn, CompositeImplicitAutograd, m) {
   m.impl("weight_standardize", &matterhorn::ops::weight_standardize_composite);
+}
+
+// A building block without a derivative (weight_standardize_forward has one): a backward through
+// it raises, where torch's default would warn and give no gradient.
+TORCH_LIBRARY_IMPL(matterhorn, Autograd, m) {
+  m.impl("weight_standardize_backward", torch::autograd::autogradNotImplementedFallback());
 }

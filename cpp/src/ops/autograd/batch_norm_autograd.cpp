@@ -149,23 +149,41 @@ struct BatchNormNormalizeBackward final : torch::autograd::Node {
   }
 };
 
-// create_graph=True: the gradients of the forward recomputed in ATen ops at the saved values,
-// themselves a graph that torch differentiates again.
+// create_graph=True (torch.func's grad and vjp always ask for it): the backward's formula in ATen
+// ops on the saved tensors, with batch statistics recomputed from the input, so that torch
+// differentiates it again. A formula, not torch::autograd::grad of a recomputed forward: under
+// torch.func the saved tensors belong to a finished transform and record no graph of their own.
 variable_list BatchNormNormalizeBackward::differentiable_backward(const at::Tensor& grad, std::array<bool, 4> needs) {
   const at::Tensor x = input.unpack(), w = weight.unpack(), b = bias.unpack(), s = scale.unpack();
+  const auto acc = at::toOpMathType(x.scalar_type());
   const int64_t steps = scaled ? s.size(0) : groups;
   at::Tensor m = mean.unpack(), v = var.unpack();
   if (batch_statistics) std::tie(m, v) = composite_statistics(x, groups);
-  const at::Tensor y = composite_normalize(x, w, b, m, v, eps, steps, s);
-  variable_list inputs, grads(4);
-  std::vector<size_t> slots;
-  for (const auto& [t, slot] : {std::pair{&x, 0}, {&w, 1}, {&b, 2}, {&s, 3}}) {
-    if (needs[slot] && t->defined()) inputs.push_back(*t), slots.push_back(slot);
+  // [steps, rows, C, values]; the statistics reduce over every step when one group spans them (TEBN)
+  const at::Tensor xg = grouped(x.to(acc), steps), dy = grouped(grad.to(acc), steps);
+  const std::vector<int64_t> statistics_dims = groups == steps ? std::vector<int64_t>{1, 3} : std::vector<int64_t>{0, 1, 3};
+  const at::Tensor rstd = (per_group(v) + eps).rsqrt();
+  const at::Tensor xhat = (xg - per_group(m)) * rstd;
+  const at::Tensor dy_affine = scaled ? dy * s.to(acc).view({steps, 1, 1, 1}) : dy;  // d(loss)/d(xhat * w + b)
+  const auto to_parameter = [](const at::Tensor& per_step, const at::Tensor& param) {  // [steps, C] -> its shape
+    return (param.dim() == 1 ? per_step.sum(0) : per_step).to(param.scalar_type());
+  };
+  variable_list grads(4);
+  if (needs[0]) {
+    const at::Tensor g = w.defined() ? dy_affine * per_group(w.to(acc)) : dy_affine;
+    at::Tensor dx = g * rstd;
+    if (batch_statistics) {
+      dx = rstd * (g - g.mean(at::IntArrayRef(statistics_dims), /*keepdim=*/true) -
+                   xhat * (g * xhat).mean(at::IntArrayRef(statistics_dims), /*keepdim=*/true));
+    }
+    grads[0] = dx.to(x.scalar_type()).reshape_symint(x.sym_sizes());
   }
-  if (!inputs.empty()) {
-    const variable_list found = torch::autograd::grad({y}, inputs, {grad}, /*retain_graph=*/true,
-                                                      /*create_graph=*/true, /*allow_unused=*/true);
-    for (size_t i = 0; i < slots.size(); ++i) grads[slots[i]] = found[i];
+  if (needs[1] && w.defined()) grads[1] = to_parameter((dy_affine * xhat).sum({1, 3}), w);
+  if (needs[2] && b.defined()) grads[2] = to_parameter(dy_affine.sum({1, 3}), b);
+  if (needs[3] && scaled) {
+    at::Tensor affine = w.defined() ? xhat * per_group(w.to(acc)) : xhat;
+    if (b.defined()) affine = affine + per_group(b.to(acc));
+    grads[3] = (dy * affine).sum({1, 2, 3}).to(s.scalar_type());
   }
   return grads;
 }
@@ -193,11 +211,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_normalize_autograd(
     return {output, mean.detach(), var.detach()};  // the running statistics' update takes no tangent
   }
   const bool record = torch::autograd::compute_requires_grad(input, weight, bias, scale);  // false in no_grad
-  auto [output, mean, var] = [&] {
+  at::Tensor output, mean, var;
+  {
+    // this op again below autograd (not its kernels directly): under nested torch.func transforms
+    // the outer one sees batch_norm_normalize, and records this node for it too
     at::AutoDispatchBelowADInplaceOrView guard;
-    return matterhorn::ops::detail::normalize_forward(
-        input, weight, bias, running_mean, running_var, batch_statistics, eps, groups, scale);
-  }();
+    output = matterhorn::ops::detail::call_normalize_first(
+        input, weight, bias, running_mean, running_var, batch_statistics, eps, groups, scale, mean, var);
+  }
   if (record) {
     auto node = matterhorn::ops::detail::make_node<BatchNormNormalizeBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias, scale));

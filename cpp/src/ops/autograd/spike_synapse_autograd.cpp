@@ -73,8 +73,8 @@ struct PackedInput {
   void refuse_double_backward() const {
     TORCH_CHECK(
         !at::GradMode::is_enabled(), layer,
-        " with spike_input=True: double backward (create_graph=True) is not supported; construct the layer "
-        "with spike_input=False for higher-order gradients");
+        " with spike_input=True: double backward (create_graph=True, which torch.func's grad, vjp and jacrev "
+        "always ask for) is not supported; construct the layer with spike_input=False for them");
   }
 };
 
