@@ -43,6 +43,22 @@ def test_cpp_linear_errors_keep_their_python_types():
         cpp_layer.forward(to_dlpack(torch.randn(3, 4, dtype=torch.float64)))
     with pytest.raises(KeyError, match="no parameter or buffer named 'gain'"):
         cpp_layer.load_parameters({"gain": to_dlpack(torch.ones(2))})
+    for wrong in (torch.randn(4), torch.randn(()), torch.ones(2, 4, dtype=torch.int64)):  # copy_ would take them
+        with pytest.raises(ValueError, match=r"load_parameters: 'weight' of .*Linear.* is torch.float32 \[2, 4\], got "):
+            cpp_layer.load_parameters({"weight": to_dlpack(wrong)})
+    with pytest.raises(TypeError, match=r"Linear: the input's dtype torch.int64 .*; cast the input to torch.float32$"):
+        cpp_layer.forward(to_dlpack(torch.ones(3, 4, dtype=torch.int64)))
+
+
+@pytest.mark.parametrize("name", ["Linear", "WSLinear"])
+def test_cpp_linear_without_inputs_is_torch_nn_s(name):
+    """in_features = 0: no weight values to draw (torch.nn skips the init), a zero bias, a zero output."""
+    python_layer = getattr(mth.snn, name)(0, 3)
+    cpp_layer = getattr(mth._C, name)(0, 3)
+    bias = from_dlpack(cpp_layer.named_parameters()["bias"])
+    assert torch.equal(bias, torch.zeros(3)) and torch.equal(python_layer.bias.detach(), bias)
+    x = torch.randn(2, 4, 0)
+    torch.testing.assert_close(from_dlpack(cpp_layer.forward(to_dlpack(x))), python_layer(x))
 
 
 def cpp_arguments(kwargs):
@@ -79,6 +95,13 @@ def test_cpp_conv_repr_and_constructor_errors():
         "groups=1, bias=true, padding_mode=circular)")
     with pytest.raises(ValueError, match=r"Conv2d: in_channels and out_channels must be divisible by groups"):
         mth._C.Conv2d(3, 8, [3], groups=2)
+    for make, message in [(lambda: mth._C.Conv2d(3, 8, []), r"Conv2d: kernel_size must hold 1 or 2 values, got \[\]"),
+                          (lambda: mth._C.WSConv3d(3, 8, [3], padding=[1, 2]),
+                           r"WSConv3d: padding must hold 1 or 3 values, got \[1, 2\]"),
+                          (lambda: mth._C.ConvTranspose1d(3, 8, [3], output_padding=[0, 0]),
+                           r"ConvTranspose1d: output_padding must hold 1 value, got \[0, 0\]")]:
+        with pytest.raises(ValueError, match=message):
+            make()
     with pytest.raises(ValueError, match=r"ConvTranspose3d: stride must be >= 1, got \[1, 0, 1\]"):
         mth._C.ConvTranspose3d(2, 2, [3], stride=[1, 0, 1])
     with pytest.raises(ValueError, match=r"Conv1d: padding='same' is not supported for strided convolutions"):
@@ -165,6 +188,9 @@ def test_cpp_normalization_repr_and_errors():
         mth._C.BatchNorm2d(4).forward(to_dlpack(torch.randn(2, 3, 5, 4, 4)))
     with pytest.raises(ValueError, match=r"LayerNorm: normalized_shape must hold sizes >= 1"):
         mth._C.LayerNorm([4, 0])
+    for layer_norm in (mth._C.LayerNorm, mth.snn.LayerNorm):
+        with pytest.raises(ValueError, match=r"LayerNorm: normalized_shape must hold at least one size, got \[\]"):
+            layer_norm([])
     bntt = mth._C.BatchNormThroughTime2d(3, 4, affine=False, track_running_stats=False, batch_first=True)
     with pytest.raises(ValueError, match=r"BatchNormThroughTime2d: expected T = 3 time steps \(the layer's T\), "
                                          r"got 2 in input \[0, 2, 4, 5, 5\] \(batch_first"):

@@ -35,6 +35,19 @@ def test_mode_switches_return_the_module_and_recurse():
     assert "step_mode='s'" in repr(mth.snn.Linear(3, 2).single_step_mode_())
 
 
+def test_a_multi_step_only_layer_below_refuses_single_step_before_any_layer_switches():
+    outer = mth.snn.Module()
+    outer.body = nn.Sequential(mth.snn.Linear(3, 3), mth.snn.BatchNormThroughTime1d(2, 3))
+    with pytest.raises(ValueError, match=r"^BatchNormThroughTime1d \(at 'body.1' in Module\): a multi-step layer "
+                                         r"\(it normalizes over time\); single-step mode is not supported"):
+        outer.single_step_mode_()
+    assert all(m.multi_step_mode for m in outer.modules() if isinstance(m, mth.snn.Module))
+    outer.single_step_mode_(recursive=False)  # the parent alone has a single-step mode
+    assert outer.single_step_mode and outer.body[1].multi_step_mode
+    with pytest.raises(ValueError, match=r"^TemporalEffectiveBatchNorm2d: a multi-step layer"):
+        mth.snn.TemporalEffectiveBatchNorm2d(2, 3).multi_step_mode_(False)
+
+
 def test_reset_and_detach_return_the_module():
     layer = mth.snn.Linear(3, 2)
     assert layer.reset() is layer

@@ -23,6 +23,7 @@ namespace matterhorn::snn {
 namespace {
 
 using ops::detail::dtype_name;
+using ops::detail::dtype_remedy;
 
 // "MultiheadAttention(embed_dim=8, num_heads=2)" in messages, built only when a check fails.
 struct Described {
@@ -128,8 +129,8 @@ std::tuple<at::Tensor, at::Tensor> MultiheadAttentionImpl::forward(
                       " but the layer's weight is on ", weight.device(), "; move one of them with .to(device)");
     TORCH_CHECK_TYPE(x->scalar_type() == weight.scalar_type(), "MultiheadAttention: the ", name, "'s dtype ",
                      dtype_name(x->scalar_type()), " does not match the layer's weight dtype ",
-                     dtype_name(weight.scalar_type()), "; cast the ", name, " or call .to(",
-                     dtype_name(x->scalar_type()), ") on the layer");
+                     dtype_name(weight.scalar_type()), "; ",
+                     dtype_remedy(x->scalar_type(), weight.scalar_type(), name));
     const char* steps = x == &query ? "T" : "S";
     TORCH_CHECK_VALUE(x->dim() >= 2 && x->size(-1) == features, layer, ": expected the ", name, " [",
                       options.batch_first() ? "B, " : "", steps, options.batch_first() ? ", ..., " : ", B, ..., ",

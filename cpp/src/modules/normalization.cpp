@@ -164,6 +164,7 @@ MATTERHORN_TEMPORAL_NORM(kThroughTime)
 #undef MATTERHORN_TEMPORAL_NORM
 
 LayerNormImpl::LayerNormImpl(LayerNormOptions options_) : options(std::move(options_)) {
+  TORCH_CHECK_VALUE(!options.normalized_shape().empty(), "LayerNorm: normalized_shape must hold at least one size, got []");
   for (const int64_t size : options.normalized_shape()) {
     TORCH_CHECK_VALUE(size >= 1, "LayerNorm: normalized_shape must hold sizes >= 1, got ", options.normalized_shape());
   }

@@ -13,6 +13,13 @@ inline std::string dtype_name(at::ScalarType type) {
   return "torch." + std::string(c10::getDtypeNames(type).first);
 }
 
+// What to do about an input of another dtype than the layer's: an integer, bool or complex
+// input is cast (the layers compute in a floating dtype), a floating one may move the layer.
+inline std::string dtype_remedy(at::ScalarType input, at::ScalarType layer, const char* what) {
+  if (!at::isFloatingType(input)) return std::string("cast the ") + what + " to " + dtype_name(layer);
+  return std::string("cast the ") + what + " or call .to(" + dtype_name(input) + ") on the layer";
+}
+
 // A layer's name in messages, e.g. {"Conv", 2} -> "Conv2d". Streamed only when a check fails, so
 // that a passing check builds no string (checks run on every call).
 struct LayerName {
@@ -32,8 +39,7 @@ void check_same_dtype_and_device(
   TORCH_CHECK_TYPE(
       input.scalar_type() == param.scalar_type(), layer, ": the input's dtype ",
       dtype_name(input.scalar_type()), " does not match the layer's ", param_name, " dtype ",
-      dtype_name(param.scalar_type()), "; cast the input or call .to(",
-      dtype_name(input.scalar_type()), ") on the layer");
+      dtype_name(param.scalar_type()), "; ", dtype_remedy(input.scalar_type(), param.scalar_type(), "input"));
   TORCH_CHECK_VALUE(
       input.device() == param.device(), layer, ": the input is on ", input.device(),
       " but the layer's ", param_name, " is on ", param.device(),

@@ -15,6 +15,7 @@
 #include "matterhorn/snn/normalization.h"
 #include "matterhorn/snn/weight_standardization.h"
 #include "matterhorn/version.h"
+#include "ops/checks.h"
 #include "python/dlpack_capsule.h"
 
 namespace py = pybind11;
@@ -41,7 +42,8 @@ void bind_module_tensors(PyClass& cls) {
   cls.def("named_parameters", [](ModuleHolder& self) { return capsules(self->named_parameters()); })
       .def("named_buffers", [](ModuleHolder& self) { return capsules(self->named_buffers()); })
       .def("load_parameters", [](ModuleHolder& self, const py::dict& tensors) {
-        // Copies each given tensor into the parameter or buffer of that name; unknown names are errors.
+        // Copies each given tensor into the parameter or buffer of that name, as load_state_dict:
+        // unknown names, other shapes and other dtypes are errors (copy_ would broadcast and cast).
         const c10::NoGradGuard no_grad;
         auto params = self->named_parameters();
         auto buffers = self->named_buffers();
@@ -50,7 +52,12 @@ void bind_module_tensors(PyClass& cls) {
           at::Tensor* target = params.find(name);
           if (target == nullptr) target = buffers.find(name);
           if (target == nullptr) throw py::key_error("no parameter or buffer named '" + name + "'");
-          target->copy_(tensor_from_capsule(py::reinterpret_borrow<py::capsule>(item.second)));
+          const at::Tensor source = tensor_from_capsule(py::reinterpret_borrow<py::capsule>(item.second));
+          TORCH_CHECK_VALUE(
+              source.sizes() == target->sizes() && source.scalar_type() == target->scalar_type(), "load_parameters: '",
+              name, "' of ", self->name(), " is ", matterhorn::ops::detail::dtype_name(target->scalar_type()), " ",
+              target->sizes(), ", got ", matterhorn::ops::detail::dtype_name(source.scalar_type()), " ", source.sizes());
+          target->copy_(source);
         }
       })
       .def("train", [](ModuleHolder& self, bool on) { self->train(on); }, py::arg("mode") = true)
@@ -95,8 +102,12 @@ void bind_synapse(py::class_<Holder>& cls, Options (*make)(Types...), const std:
   bind_module_tensors<Holder>(cls);
 }
 
+// One size for every spatial dimension, or D of them; `layer` and `what` name them in the error.
 template <size_t D>
-torch::ExpandingArray<D> sizes(const std::vector<int64_t>& values) {
+torch::ExpandingArray<D> sizes(const std::vector<int64_t>& values, const std::string& layer, const char* what) {
+  TORCH_CHECK_VALUE(
+      values.size() == 1 || values.size() == D, layer, ": ", what, " must hold ",
+      D == 1 ? std::string("1 value") : c10::str("1 or ", D, " values"), ", got ", c10::IntArrayRef(values));
   if (values.size() == 1) return torch::ExpandingArray<D>(values[0]);
   return torch::ExpandingArray<D>(values);
 }
@@ -122,8 +133,10 @@ Options conv_options(
     int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
     const std::vector<int64_t>& stride, const ConvPadding& padding, const std::vector<int64_t>& dilation,
     int64_t groups, bool bias, const std::string& mode) {
-  Options options(in_channels, out_channels, sizes<D>(kernel_size));
-  options.stride(sizes<D>(stride)).dilation(sizes<D>(dilation)).groups(groups).bias(bias);
+  const std::string layer = c10::str(requires(Options o) { o.affine(true); } ? "WSConv" : "Conv", D, "d");
+  Options options(in_channels, out_channels, sizes<D>(kernel_size, layer, "kernel_size"));
+  options.stride(sizes<D>(stride, layer, "stride")).dilation(sizes<D>(dilation, layer, "dilation"));
+  options.groups(groups).bias(bias);
   options.padding_mode(padding_mode(mode));
   if (const auto* text = std::get_if<std::string>(&padding)) {
     if (*text == "same") {
@@ -134,7 +147,7 @@ Options conv_options(
       throw py::value_error("padding must be 'same', 'valid' or sizes, got '" + *text + "'");
     }
   } else {
-    options.padding(sizes<D>(std::get<std::vector<int64_t>>(padding)));
+    options.padding(sizes<D>(std::get<std::vector<int64_t>>(padding), layer, "padding"));
   }
   return options;
 }
@@ -170,9 +183,11 @@ snn::ConvTransposeOptions<D> conv_transpose_options(
     int64_t in_channels, int64_t out_channels, const std::vector<int64_t>& kernel_size,
     const std::vector<int64_t>& stride, const std::vector<int64_t>& padding, const std::vector<int64_t>& output_padding,
     int64_t groups, bool bias, const std::vector<int64_t>& dilation) {
-  snn::ConvTransposeOptions<D> options(in_channels, out_channels, sizes<D>(kernel_size));
-  options.stride(sizes<D>(stride)).padding(sizes<D>(padding)).output_padding(sizes<D>(output_padding));
-  options.groups(groups).bias(bias).dilation(sizes<D>(dilation));
+  const std::string layer = c10::str("ConvTranspose", D, "d");
+  snn::ConvTransposeOptions<D> options(in_channels, out_channels, sizes<D>(kernel_size, layer, "kernel_size"));
+  options.stride(sizes<D>(stride, layer, "stride")).padding(sizes<D>(padding, layer, "padding"));
+  options.output_padding(sizes<D>(output_padding, layer, "output_padding"));
+  options.groups(groups).bias(bias).dilation(sizes<D>(dilation, layer, "dilation"));
   return options;
 }
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .skeleton import Module
+from .skeleton import Module, dtype_remedy
 
 
 class MultiheadAttention(Module, nn.MultiheadAttention):
@@ -66,7 +66,7 @@ class MultiheadAttention(Module, nn.MultiheadAttention):
                              f"{weight.device}; move one of them with .to(device)")
         if x.dtype != weight.dtype and (torch.jit.is_scripting() or not self._autocasting(x)):
             raise TypeError(f"MultiheadAttention: the {name}'s dtype {x.dtype} does not match the layer's weight "
-                            f"dtype {weight.dtype}; cast the {name} or call .to({x.dtype}) on the layer")
+                            f"dtype {weight.dtype}; {dtype_remedy(x.dtype, weight.dtype, name)}")
         if x.dim() < 2 or x.shape[-1] != features:
             steps = "T" if name == "query" else "S"
             order = f"[B, {steps}, ..., " if self.batch_first else f"[{steps}, B, ..., "

@@ -7,7 +7,16 @@ input is ``[B, ...]``. The default is multi-step; ``multi_time_step=False`` at c
 
 from typing import Optional
 
+import torch
 import torch.nn as nn
+
+
+def dtype_remedy(input: torch.dtype, layer: torch.dtype, what: str) -> str:
+    """What to do about an input of another dtype than the layer's: an integer, bool or complex
+    input is cast (the layers compute in a floating dtype), a floating one may move the layer."""
+    if input not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"cast the {what} to {layer}"
+    return f"cast the {what} or call .to({input}) on the layer"
 
 
 class Module(nn.Module):
@@ -18,6 +27,8 @@ class Module(nn.Module):
 
     step_mode: str  # 'm' (multi-step) or 's' (single-step)
     batch_first: bool
+    # Why the layer has no single-step mode (it normalizes over time), or None where it has one.
+    _MULTI_STEP_ONLY = None
 
     def __init__(self, *, multi_time_step: Optional[bool] = None, batch_first: bool = False) -> None:
         super().__init__()
@@ -44,9 +55,15 @@ class Module(nn.Module):
         """Switch to multi-step mode (or single-step if ``if_on`` is False); with ``recursive``,
         every matterhorn module below this one switches too. Returns the module."""
         mode = "m" if if_on else "s"
-        for module in self.modules() if recursive else (self,):
-            if isinstance(module, Module):
-                module.step_mode = mode
+        modules = [(name, m) for name, m in (self.named_modules() if recursive else [("", self)])
+                   if isinstance(m, Module)]
+        for name, module in modules if not if_on else ():  # refused before any layer switches
+            if module._MULTI_STEP_ONLY is not None:
+                where = f" (at '{name}' in {self._get_name()})" if name else ""
+                raise ValueError(f"{module._get_name()}{where}: a multi-step layer ({module._MULTI_STEP_ONLY}); "
+                                 "single-step mode is not supported")
+        for _, module in modules:
+            module.step_mode = mode
         return self
 
     def single_step_mode_(self, if_on: bool = True, recursive: bool = True) -> "Module":

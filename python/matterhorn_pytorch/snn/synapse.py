@@ -14,7 +14,7 @@ import torch.nn as nn
 from .. import _C
 from . import _onnx
 from .attention import MultiheadAttention
-from .skeleton import Module
+from .skeleton import Module, dtype_remedy
 
 
 class Synapse(Module):
@@ -317,7 +317,7 @@ class _WeightStandardized:
         name = type(self).__name__
         if input.dtype != self.weight.dtype:
             raise TypeError(f"{name}: the input's dtype {input.dtype} does not match the layer's weight dtype "
-                            f"{self.weight.dtype}; cast the input or call .to({input.dtype}) on the layer")
+                            f"{self.weight.dtype}; {dtype_remedy(input.dtype, self.weight.dtype, 'input')}")
         if input.device != self.weight.device:
             raise ValueError(f"{name}: the input is on {input.device} but the layer's weight is on "
                              f"{self.weight.device}; move one of them with .to(device)")
@@ -648,11 +648,7 @@ class _TemporalBatchNorm(_BatchNorm):
         _BatchNorm.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                             batch_first=batch_first, per_step=per_step, sync=sync, process_group=process_group)
 
-    def multi_step_mode_(self, if_on: bool = True, recursive: bool = True) -> "Module":
-        if not if_on:
-            raise ValueError(f"{type(self).__name__}: a multi-step layer (it normalizes over time); "
-                             "single-step mode is not supported")
-        return super().multi_step_mode_(if_on, recursive)
+    _MULTI_STEP_ONLY = "it normalizes over time"
 
 
 class _ThresholdDependentBatchNorm(_TemporalBatchNorm):
@@ -837,6 +833,8 @@ class LayerNorm(_TwinSynapse, nn.LayerNorm):
             multi_time_step, batch_first, normalized_shape=normalized_shape, eps=eps,
             elementwise_affine=elementwise_affine, bias=bias, device=device, dtype=dtype,
         )
+        if len(self.normalized_shape) == 0:  # torch.nn's forward refuses it
+            raise ValueError("LayerNorm: normalized_shape must hold at least one size, got []")
 
     def forward_step(self, o: torch.Tensor) -> torch.Tensor:
         return self.forward(o)
