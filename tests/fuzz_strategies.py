@@ -135,8 +135,11 @@ def assert_close_bound(actual: torch.Tensor, expected: torch.Tensor, bound: torc
     assert actual.shape == expected.shape, f"{what}: shape {list(actual.shape)}, expected {list(expected.shape)}"
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     # plus the float64 reference's own rounding, which a bound of exactly 0 (e.g. x - mean of one
-    # value) would not allow
-    bound = bound.detach().double().cpu().expand_as(e) + 1e-12
+    # value) would not allow, and the result's rounding below the smallest normal number (a relative
+    # bound does not cover it): the spacing of the subnormals of its dtype
+    info = torch.finfo(actual.dtype) if actual.is_floating_point() else None
+    subnormal = info.smallest_normal * info.eps if info is not None else 0.0
+    bound = bound.detach().double().cpu().expand_as(e) + 1e-12 + subnormal
     special = ~torch.isfinite(e)
     assert torch.equal(torch.isnan(a), torch.isnan(e)), \
         f"{what}: NaN at {torch.nonzero(torch.isnan(a) != torch.isnan(e))[:5].tolist()} (actual {a.flatten()[:8].tolist()}, expected {e.flatten()[:8].tolist()})"

@@ -410,7 +410,14 @@ def conv_layer_case(data, name, spike_input=False, valid=False):
         bound, grad_bounds = bilinear_bounds(
             f, [x64, ref64.weight.detach(), None if ref64.bias is None else ref64.bias.detach()],
             None if dy is None else dy.double(), u)
-        assert_close_bound(y, y64, bound, f"{name} output")
+        with torch.no_grad():
+            twin = run_ref(ref_d, x.detach())
+        if isinstance(outcome(lambda: assert_close_bound(twin, y64, bound, "")), Raised):
+            # torch.nn's own result breaks the bound (its bfloat16 Conv3d on some CPUs and strides):
+            # ours makes the same call, so it must be that result
+            torch.testing.assert_close(y, twin, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")
+        else:
+            assert_close_bound(y, y64, bound, f"{name} output")
         if dy is None:
             return
         y.backward(dy)
@@ -420,7 +427,8 @@ def conv_layer_case(data, name, spike_input=False, valid=False):
             assert a is not None, f"{name}: no gradient for the {what}"
             assert_close_bound(a, e, b, f"{name} grad of {what}")
 
-    wrong_rank = None if x.dim() in (dims + 2, dims + 3) else "the API takes [T, B, C, ...] or [B, C, ...]"
+    wrong_rank = None if x.dim() in (dims + 1, dims + 2, dims + 3) else \
+        "the API takes [T, B, C, ...], [B, C, ...] or unbatched [C, ...]"
     if wrong_rank is None and x.shape[-dims - 1] != in_c:  # torch.nn lets an empty input of any width through
         wrong_rank = "channels unlike in_channels"
     if transposed and wrong_rank is None and output_size is None and any(
@@ -551,12 +559,23 @@ def batch_norm_layer_case(data, name, valid=False):
     def time_major(t):
         return t.transpose(0, 1) if batch_first else t
 
+    buffer_dtype = ours.running_var.dtype if ours.running_var is not None else None
+
+    def step(m, t):
+        """m(t); a float64 twin's running statistics then rounded to our buffers' dtype, as ours are
+        after each update (a float16 variance may overflow to inf, and a later update of it be NaN)."""
+        y = m(t)
+        if m.running_var is not None and m.running_var.dtype != buffer_dtype:
+            for key in ("running_mean", "running_var"):  # new tensors: the graph saved the old ones
+                setattr(m, key, getattr(m, key).detach().to(buffer_dtype).to(torch.float64))
+        return y
+
     def run_ref(m, t):
         if not folds:
             return m(t)
         steps = time_major(t)
         if loop:
-            y = torch.stack([m(steps[i]) for i in range(steps.shape[0])]) if steps.shape[0] else steps * 1
+            y = torch.stack([step(m, steps[i]) for i in range(steps.shape[0])]) if steps.shape[0] else steps * 1
         else:
             y = m(steps.flatten(0, 1)).unflatten(0, steps.shape[:2])
         return time_major(y)
@@ -612,7 +631,10 @@ def batch_norm_layer_case(data, name, valid=False):
         assert_close_bound(tm(x.grad).reshape(xg.shape), tm(expected[0]).reshape(xg.shape), dx_bound,
                            f"{name} grad of input")
         grads = [g for g in (ours.weight, ours.bias) if g is not None]
-        bounds = [4 * u * (count * xg.shape[0] + 1) * sums(cond * dyg * xhat), 4 * u * (count * xg.shape[0] + 1) * sums(dyg)]
+        # x - mean rounds relative to |x| + |mean| (not to |x - mean|: eps may dwarf the variance)
+        xhat_rounding = (xg.abs() + mean.abs()) * invstd
+        bounds = [4 * u * (count * xg.shape[0] + 1) * sums(dyg * (cond * xhat + xhat_rounding)),
+                  4 * u * (count * xg.shape[0] + 1) * sums(dyg)]
         for what, p, e, bd in zip(["weight", "bias"], grads, expected[1:], bounds):
             assert p.grad is not None, f"{name}: no gradient for the {what}"
             assert_close_bound(p.grad, e, bd.flatten(), f"{name} grad of {what}")
@@ -903,7 +925,7 @@ def conv_op_case(data, spike=False, valid=False, kind=None):
         any(o >= s and o >= d for o, s, d in zip(output_padding, stride, dilation)))
     # a spatial size of 0 beside a batch and channels: torch.nn's convolutions refuse it (however padded)
     invalid = invalid or (folded.dim() == dims + 2 and 0 in folded.shape[2:] and min(folded.shape[:2]) > 0)
-    if transposed and not invalid and w.dim() == dims + 2:  # "the output would be empty" (docs/API.md)
+    if transposed and not invalid and w.dim() == dims + 2 and output_size is None:  # "the output would be empty"
         invalid = any((folded.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (w.shape[2 + d] - 1) + 1
                       + output_padding[d] <= 0 for d in range(dims))
     expected = outcome(lambda: reference(folded, w, b)) if not invalid else None
@@ -2160,6 +2182,12 @@ def test_multihead_attention_layer(data):
         data.draw(size, label="N") for _ in range(data.draw(st.sampled_from([1, 0, 2]), label="extra dims"))]
     T, S = data.draw(size, label="T"), data.draw(size, label="S")
     query, key, value, problems = mha_inputs(data, ours, T, S, batch, unbatched, dtype, input_device(device), seed)
+    if key is query and query.dim() >= 2 and query.dim() != len(batch) + 2:
+        # a hostile rank the layer takes as another batch (self-attention: key and value follow)
+        unbatched = query.dim() == 2
+        time = 1 if ours.batch_first and not unbatched else 0
+        batch = [] if unbatched else [s for d, s in enumerate(query.shape[:-1]) if d != time]
+        T = query.shape[time]
     S = T if key is query else S  # self-attention
     sequences = math.prod(batch)
     padding, padding_problem = mha_mask(data, "key_padding_mask", [[S]] if unbatched else [batch + [S], batch[:1] + [S]],

@@ -333,6 +333,37 @@ def test_torch_func_vjp_and_hessian_equal_the_definition(name, args, kwargs, tra
     torch.testing.assert_close(hessian, torch.func.jacrev(torch.func.jacrev(cubed(reference)))(x))
 
 
+@pytest.mark.parametrize("name,args,kwargs,training", [
+    ("BatchNorm2d", (2,), dict(), False), ("BatchNorm2d", (2,), dict(track_running_stats=False), True),
+    ("BatchNorm2d", (2,), dict(per_step=True, track_running_stats=False), True),
+    ("BatchNormThroughTime2d", (3, 2), dict(), False), ("TemporalEffectiveBatchNorm2d", (3, 2), dict(), False),
+], ids=["eval", "batch-statistics", "per_step", "BNTT-eval", "TEBN-eval"])
+def test_vmap_and_per_example_gradients_equal_a_loop(name, args, kwargs, training):
+    """torch.vmap over a batch of inputs, and vmap(grad) (per-example gradients), as torch.nn's
+    BatchNorm allows: each example on its own. Training with running statistics is refused under
+    vmap, as torch.nn refuses it (the update would need a batch of buffers)."""
+    layer = getattr(mth.snn, name)(*args, dtype=torch.float64, **kwargs).train(training)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(0.5, 1.5)
+        if layer.running_mean is not None:
+            layer.running_mean.uniform_(-0.5, 0.5), layer.running_var.uniform_(0.5, 1.5)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(4, 3, 2, 2, 2, 3, dtype=torch.float64)  # 4 examples of [T, B, C, H, W]
+
+    def loss(params, example):
+        return torch.func.functional_call(layer, params, (example,)).pow(3).sum()
+
+    torch.testing.assert_close(torch.vmap(layer)(x), torch.stack([layer(e) for e in x]))
+    per_example = torch.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for k in params:
+        expected = torch.stack([torch.func.grad(loss)(params, e)[k] for e in x])
+        torch.testing.assert_close(per_example[k], expected, msg=lambda m: f"{k}: {m}")
+    if training:
+        with pytest.raises(RuntimeError):
+            torch.vmap(getattr(mth.snn, name)(*args, dtype=torch.float64))(x)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sample", [s for s in BATCH_NORM_SAMPLES if s.op in (
     "batch_norm_stats", "batch_norm_elemt", "batch_norm_backward_reduce", "batch_norm_backward_elemt")],

@@ -541,6 +541,11 @@ TORCH_LIBRARY_IMPL(matterhorn, CompositeImplicitAutograd, m) {
   m.impl("batch_norm", &matterhorn::ops::batch_norm_composite);
 }
 
+// torch.vmap decomposes the core (see batch_norm_layer's) into its building blocks.
+TORCH_LIBRARY_IMPL(matterhorn, FuncTorchBatchedDecomposition, m) {
+  m.impl("batch_norm", &matterhorn::ops::batch_norm_composite);
+}
+
 TORCH_LIBRARY_IMPL(matterhorn, CompositeExplicitAutograd, m) {
   m.impl("batch_norm_normalize", &matterhorn::ops::batch_norm_normalize_composite);
 }

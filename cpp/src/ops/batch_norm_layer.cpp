@@ -179,3 +179,9 @@ TORCH_LIBRARY_IMPL(matterhorn, CompositeImplicitAutograd, m) {
   m.impl("batch_norm_layer_fold", &matterhorn::ops::batch_norm_layer_fold);
   m.impl("batch_norm_layer_unfold", &matterhorn::ops::batch_norm_layer_unfold);
 }
+
+// torch.vmap decomposes the layer op (its schema may mutate the running statistics, which the
+// batching fallback refuses) into the core and then the building blocks.
+TORCH_LIBRARY_IMPL(matterhorn, FuncTorchBatchedDecomposition, m) {
+  m.impl("batch_norm_layer", &matterhorn::ops::batch_norm_layer_composite);
+}
