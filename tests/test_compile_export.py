@@ -60,7 +60,7 @@ def test_export_with_dynamic_time_and_batch():
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_export_keeps_the_batch_norm_building_blocks(training):
+def test_export_keeps_batch_norm_normalize_and_the_statistics_update(training):
     model = nn.Sequential(mth.snn.Conv2d(2, 3, 3, padding=1), mth.snn.BatchNorm2d(3)).train(training)
     reference = nn.BatchNorm2d(3)
     with torch.no_grad():
@@ -71,11 +71,18 @@ def test_export_keeps_the_batch_norm_building_blocks(training):
     exported = torch.export.export(model, (torch.randn(3, 4, 2, 5, 5),), dynamic_shapes=({0: T, 1: B},))
     exported = exported.run_decompositions()  # what AOTInductor compiles
     targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
-    # the differentiable building block (its autograd node calls it again below autograd)
+    # the differentiable building block (its autograd node calls it again below autograd), and in
+    # training the running statistics' update, functionalized
     assert "matterhorn.batch_norm_normalize.default" in targets, targets
+    updates = [n for n in exported.graph.nodes if "batch_norm_update_stats" in str(n.args[:1])]
+    assert bool(updates) == training, [str(n.args[:1]) for n in exported.graph.nodes if n.op == "call_function"]
+    module = exported.module()
     for shape in [(3, 4, 2, 5, 5), (2, 5, 2, 5, 5)]:
         x = torch.randn(shape)
         with torch.no_grad():
             h = model[0](x)
             expected = reference.train(training)(h.flatten(0, 1)).unflatten(0, shape[:2])  # torch.nn, folded
-            torch.testing.assert_close(exported.module()(x), expected)
+            torch.testing.assert_close(module(x), expected)
+    buffers = dict(module.named_buffers())
+    for key in ("running_mean", "running_var"):  # updated twice in training, as torch.nn's
+        torch.testing.assert_close(buffers[f"1.{key}"], getattr(reference, key), msg=lambda m: f"{key}: {m}")

@@ -541,9 +541,22 @@ TORCH_LIBRARY_IMPL(matterhorn, CompositeImplicitAutograd, m) {
   m.impl("batch_norm", &matterhorn::ops::batch_norm_composite);
 }
 
-// torch.vmap decomposes the core (see batch_norm_layer's) into its building blocks.
+// torch.vmap decomposes the core (see batch_norm_layer's) into its building blocks; batch_norm_normalize
+// then runs once per example (functorch's fallback). The running statistics are one set of buffers for
+// every example: their update under vmap is refused, as torch.nn refuses it.
 TORCH_LIBRARY_IMPL(matterhorn, FuncTorchBatchedDecomposition, m) {
   m.impl("batch_norm", &matterhorn::ops::batch_norm_composite);
+}
+
+TORCH_LIBRARY_IMPL(matterhorn, FuncTorchBatched, m) {
+  m.impl(
+      "batch_norm_update_stats",
+      [](const at::Tensor&, const at::Tensor&, c10::SymInt, const at::Tensor&, const at::Tensor&,
+         const std::optional<at::Tensor>&, std::optional<double>) {
+        TORCH_CHECK_VALUE(
+            false, "BatchNorm under torch.vmap in training would update its running statistics, one set for every "
+            "example (torch.nn refuses it too): call eval(), or build the layer with track_running_stats=False");
+      });
 }
 
 TORCH_LIBRARY_IMPL(matterhorn, CompositeExplicitAutograd, m) {

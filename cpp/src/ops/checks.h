@@ -13,10 +13,12 @@ inline std::string dtype_name(at::ScalarType type) {
   return "torch." + std::string(c10::getDtypeNames(type).first);
 }
 
-// What to do about an input of another dtype than the layer's: an integer, bool or complex
-// input is cast (the layers compute in a floating dtype), a floating one may move the layer.
+// What to do about an input of another dtype than the layer's: an integer, bool, complex or
+// float8 input is cast (the layers compute in a floating dtype), a floating one may move the layer.
 inline std::string dtype_remedy(at::ScalarType input, at::ScalarType layer, const char* what) {
-  if (!at::isFloatingType(input)) return std::string("cast the ") + what + " to " + dtype_name(layer);
+  if (!at::isFloatingType(input) || at::isFloat8Type(input)) {
+    return std::string("cast the ") + what + " to " + dtype_name(layer);
+  }
   return std::string("cast the ") + what + " or call .to(" + dtype_name(input) + ") on the layer";
 }
 

@@ -12,8 +12,8 @@ import torch.nn as nn
 
 
 def dtype_remedy(input: torch.dtype, layer: torch.dtype, what: str) -> str:
-    """What to do about an input of another dtype than the layer's: an integer, bool or complex
-    input is cast (the layers compute in a floating dtype), a floating one may move the layer."""
+    """What to do about an input of another dtype than the layer's: an integer, bool, complex or
+    float8 input is cast (the layers compute in a floating dtype), a floating one may move the layer."""
     if input not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return f"cast the {what} to {layer}"
     return f"cast the {what} or call .to({input}) on the layer"

@@ -43,7 +43,7 @@ at::Tensor composite_normalize(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
     const at::Tensor& var, double eps, int64_t steps, const at::Tensor& scale) {
   const auto acc = at::toOpMathType(input.scalar_type());
-  at::Tensor y = (grouped(input.to(acc), steps) - per_group(mean)) * (per_group(var) + eps).rsqrt();
+  at::Tensor y = (grouped(input.to(acc), steps) - per_group(mean.to(acc))) * (per_group(var.to(acc)) + eps).rsqrt();
   if (weight.defined()) y = y * per_group(weight.to(acc));
   if (bias.defined()) y = y + per_group(bias.to(acc));
   if (scale.defined()) y = y * scale.to(acc).view_symint({scale.sym_size(0), 1, 1, 1});
@@ -159,6 +159,7 @@ variable_list BatchNormNormalizeBackward::differentiable_backward(const at::Tens
   const int64_t steps = scaled ? s.size(0) : groups;
   at::Tensor m = mean.unpack(), v = var.unpack();
   if (batch_statistics) std::tie(m, v) = composite_statistics(x, groups);
+  m = m.to(acc), v = v.to(acc);  // running statistics may be half precision, as the kernels' are read
   // [steps, rows, C, values]; the statistics reduce over every step when one group spans them (TEBN)
   const at::Tensor xg = grouped(x.to(acc), steps), dy = grouped(grad.to(acc), steps);
   const std::vector<int64_t> statistics_dims = groups == steps ? std::vector<int64_t>{1, 3} : std::vector<int64_t>{0, 1, 3};
