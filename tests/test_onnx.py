@@ -269,6 +269,35 @@ class Attend(nn.Module):
         return self.attention(query, key, value, key_padding_mask=padding)
 
 
+class SelfAttend(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = snn.MultiheadAttention(8, 2)
+        self.eval()
+
+    def forward(self, x):
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def test_self_attention_keeps_t_and_b_dynamic_with_dynamo(tmp_path):
+    """One tensor as query, key and value: the dynamo exporter keeps T and B dynamic (the
+    TorchScript one fixes T there, for torch.nn's MultiheadAttention alike: docs/API.md)."""
+    model, path = SelfAttend(), tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(T, B, 3, 8),), path,
+                          dynamic_shapes=({0: torch.export.Dim("T"), 1: torch.export.Dim("B")},))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for t, b in [(T, B), (5, 2), (1, 1)]:
+        x = torch.randn(t, b, 3, 8)
+        output = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        with torch.no_grad():
+            eager = model(x)
+        assert output.shape == eager.shape
+        bound = 2 * 4 * sum_error(8) * (1 + eager.abs().max().item())  # as test_multihead_attention's
+        assert (output - eager).abs().max().item() <= bound
+
+
 @pytest.mark.parametrize("dynamo,batch_first", [(True, False), (True, True), (False, False), (False, True)],
                          ids=["dynamo-time-major", "dynamo-batch_first", "torchscript-time-major",
                               "torchscript-batch_first"])
