@@ -750,7 +750,7 @@ class _BatchNormThroughTime(_TemporalBatchNorm):
         output = self._normalize(input, None)  # the op checks the rank first
         # without weight and running statistics no per-step tensor shows the op the layer's T
         steps = input.shape[1 if self.batch_first else 0]
-        if self.weight is None and self.running_mean is None and steps != self.T:
+        if steps != self.T and self.weight is None and self.running_mean is None:  # cheap test first
             raise ValueError(f"{self.layer_name}: expected T = {self.T} time steps (the layer's T), got {steps} "
                              f"in input {list(input.shape)}" + (" (batch_first: [B, T, ...])" if self.batch_first else ""))
         return output
